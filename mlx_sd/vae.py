@@ -1,0 +1,281 @@
+"""diffusers' AutoencoderKL (the SD / SDXL VAE) in MLX, NHWC.
+
+Mirrors diffusers.models.autoencoders.{autoencoder_kl.AutoencoderKL, vae.Encoder, vae.Decoder}; attribute
+names follow the checkpoint keys, so `sanitize` only fixes layouts and the legacy attention names.
+"""
+
+import re
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# diffusers.models.activations.ACT2CLS
+ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "mish": nn.mish, "gelu": nn.gelu, "relu": nn.relu}
+# diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every GroupNorm, the attention's included.
+NORM_EPS = 1e-6
+# Checkpoints saved before diffusers 0.14 name the mid-block attention projections query/key/value/proj_attn.
+LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+)\.(query|key|value|proj_attn)\.")
+LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    sample_size: int = 32
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @classmethod
+    def from_dict(cls, d):
+        """Keeps only the known keys of a vae/config.json."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def group_norm(groups, channels):
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, pytorch_compatible=True)
+
+
+def upsample_nearest(x):
+    """Nearest-neighbour 2x upsampling, like F.interpolate(scale_factor=2.0, mode="nearest")."""
+    B, H, W, C = x.shape
+    x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+    return x.reshape(B, 2 * H, 2 * W, C)  # (B, 2H, 2W, C)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers.models.resnet.ResnetBlock2D without a time embedding, output_scale_factor 1."""
+
+    def __init__(self, in_channels, out_channels, groups, act):
+        super().__init__()
+        self.act = act
+        self.norm1 = group_norm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x):
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """The VAE mid-block attention: GroupNorm, single-head self-attention over all pixels, residual."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = group_norm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, heads=1, H*W, C)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        h = self.to_out[0](h).reshape(B, H, W, C)  # (B, H, W, C)
+        return x + h
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, [attention], resnet at the lowest resolution."""
+
+    def __init__(self, channels, groups, act, add_attention):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(channels, channels, groups, act) for _ in range(2)]
+        self.attentions = [Attention(channels, groups)] if add_attention else []
+
+    def __call__(self, x):
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Downsample2D(nn.Module):
+    """Pads (0, 1, 0, 1) on the bottom/right, then a 3x3 convolution with stride 2 and no padding."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def __call__(self, x):
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x, then a 3x3 convolution."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x):
+        return self.conv(upsample_nearest(x))
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels, out_channels, num_layers, groups, act, add_downsample):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act) for i in range(num_layers)
+        ]
+        self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
+
+    def __call__(self, x):
+        for layer in self.resnets + self.downsamplers:
+            x = layer(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, in_channels, out_channels, num_layers, groups, act, add_upsample):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act) for i in range(num_layers)
+        ]
+        self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
+
+    def __call__(self, x):
+        for layer in self.resnets + self.upsamplers:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image (B, H, W, in_channels) -> (B, H/2^(n-1), W/2^(n-1), 2 * latent_channels), n = len(block_out_channels)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels, groups = config.block_out_channels, config.norm_num_groups
+        self.act = ACTIVATIONS[config.act_fn]
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = [
+            DownEncoderBlock2D(
+                channels[max(i - 1, 0)],
+                channels[i],
+                config.layers_per_block,
+                groups,
+                self.act,
+                add_downsample=i < len(channels) - 1,
+            )
+            for i in range(len(channels))
+        ]
+        self.mid_block = UNetMidBlock2D(channels[-1], groups, self.act, config.mid_block_add_attention)
+        self.conv_norm_out = group_norm(groups, channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.act(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, h, w, latent_channels) -> image (B, h*2^(n-1), w*2^(n-1), out_channels)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels, groups = config.block_out_channels[::-1], config.norm_num_groups
+        self.act = ACTIVATIONS[config.act_fn]
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(channels[0], groups, self.act, config.mid_block_add_attention)
+        # diffusers gives each decoder block one resnet more than the encoder's
+        self.up_blocks = [
+            UpDecoderBlock2D(
+                channels[max(i - 1, 0)],
+                channels[i],
+                config.layers_per_block + 1,
+                groups,
+                self.act,
+                add_upsample=i < len(channels) - 1,
+            )
+            for i in range(len(channels))
+        ]
+        self.conv_norm_out = group_norm(groups, channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+
+    def __call__(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.act(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder of Stable Diffusion: `encode` images to a latent distribution, `decode` latents."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        n = len(config.block_out_channels)
+        if list(config.down_block_types) != ["DownEncoderBlock2D"] * n or list(config.up_block_types) != [
+            "UpDecoderBlock2D"
+        ] * n:
+            raise ValueError(
+                f"unsupported VAE blocks {config.down_block_types} / {config.up_block_types}: "
+                f"expected {n} DownEncoderBlock2D and {n} UpDecoderBlock2D"
+            )
+        if config.act_fn not in ACTIVATIONS:
+            raise ValueError(f"unsupported VAE act_fn {config.act_fn!r}; expected one of {sorted(ACTIVATIONS)}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def encode(self, x):
+        """Image (B, H, W, 3) in [-1, 1] -> (mean, logvar) of the latent distribution, each
+        (B, H/8, W/8, latent_channels); logvar clamped to [-30, 20] like diffusers' DiagonalGaussianDistribution."""
+        h = self.encoder(x)
+        if self.config.use_quant_conv:
+            h = self.quant_conv(h)
+        mean, logvar = mx.split(h, 2, axis=-1)  # 2 x (B, h, w, latent_channels)
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z):
+        """Latents already divided by scaling_factor (B, h, w, latent_channels) -> image (B, 8h, 8w, 3), not clipped."""
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+def sanitize(weights):
+    """diffusers VAE weights -> this module's layout.
+
+    Renames legacy attention keys (query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0, as diffusers'
+    _fix_state_dict_keys_on_load does), squeezes conv-shaped (O, I, 1, 1) attention projections to Linear
+    (as diffusers' single-file conversion does) and transposes the other 4-D conv weights OIHW -> OHWI.
+    """
+    sanitized = {}
+    for key, value in weights.items():
+        key = LEGACY_ATTENTION.sub(lambda m: f"{m[1]}.{LEGACY_NAMES[m[2]]}.", key)
+        if ".attentions." in key and value.ndim > 2:
+            value = value.reshape(value.shape[:2])  # (O, I, 1, 1) -> (O, I)
+        elif value.ndim == 4:
+            value = value.transpose(0, 2, 3, 1)  # (O, I, kH, kW) -> (O, kH, kW, I)
+        sanitized[key] = value
+    return sanitized

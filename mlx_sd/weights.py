@@ -1,0 +1,126 @@
+"""Finding model folders (local or on the Hugging Face Hub) and loading their weights strictly."""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+# Only these files are fetched from the Hub: configs, tokenizer files and non-variant safetensors.
+HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer*/*.json",
+    "tokenizer*/*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model.safetensors.index.json",
+    "*/diffusion_pytorch_model-*.safetensors",
+    "*/model.safetensors",
+    "*/model.safetensors.index.json",
+    "*/model-*.safetensors",
+]
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class ModelLoadError(Exception):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+def resolve_model(name_or_path):
+    """Returns the local folder of a diffusers-format model: a local path, or a Hub repo id downloaded
+    through huggingface_hub into the user's cache (safetensors and configs only; HF_HUB_OFFLINE honoured)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{name_or_path} is a pickle checkpoint; mlx_sd never unpickles files, use a .safetensors file"
+        )
+    if path.exists():
+        raise ModelLoadError(f"{name_or_path} is a file, not a model folder; pass a diffusers-format folder")
+    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model {name_or_path!r} not found: pass a local model folder or a Hugging Face repo id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo, offline cache miss
+        offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"could not get model {name_or_path!r} from the Hugging Face Hub{offline}: {reason}"
+        ) from None
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}: is {path.parent.parent} a diffusers-format model folder?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_safetensors(folder):
+    """All weights of one component folder (single or sharded safetensors), as MLX arrays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"missing component folder {folder}: is {folder.parent} a diffusers-format model folder?")
+    for stem in ("diffusion_pytorch_model", "model"):
+        single = folder / f"{stem}.safetensors"
+        index = folder / f"{stem}.safetensors.index.json"
+        if single.is_file():
+            return _load_file(single)
+        if index.is_file():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            weights = {}
+            for shard in shards:
+                weights.update(_load_file(folder / shard))
+            return weights
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return _load_file(files[0])
+    if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES):
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights; mlx_sd loads safetensors only (save the model with safe_serialization=True)"
+        )
+    raise ModelLoadError(f"no safetensors weights found in {folder}")
+
+
+def _load_file(path):
+    try:
+        return mx.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"could not read {path}: not a valid safetensors file ({e})") from None
+
+
+def load_strict(model: nn.Module, weights, component, dtype=None):
+    """Loads `weights` into `model`: every key used, every parameter filled, every shape equal."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_sample(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_sample(unexpected)}")
+        raise ModelLoadError(f"{component} weights do not match the model: " + "; ".join(parts))
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{component} weight {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def _sample(keys, n=5):
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -1,0 +1,203 @@
+"""Parity of mlx_sd.vae.AutoencoderKL with diffusers' AutoencoderKL on the same random weights."""
+
+import gc
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import SD15, SDXL, nchw_to_nhwc, real_config, to_np
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from mlx_sd.vae import AutoencoderConfig, AutoencoderKL, sanitize
+from mlx_sd.weights import ModelLoadError, load_strict, read_json, read_safetensors
+
+TINY = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "sample_size": 32,
+}
+TINY_VARIANTS = {
+    "attention": TINY,
+    "no_attention_no_quant": {
+        **TINY,
+        "norm_num_groups": 32,
+        "mid_block_add_attention": False,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+}
+# float32 on both sides; the tiny model's outputs are O(1) and differ by ~3e-6 (summation order in convs,
+# GroupNorm and attention), so 1e-4 leaves margin while any layout or wiring error shows up at O(0.1).
+TINY_TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def random_reference(config):
+    """A diffusers AutoencoderKL with default-initialised convs/linears and random GroupNorm affine params."""
+    model = TorchAutoencoderKL.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    return model
+
+
+def reference_outputs(model, image, latents):
+    with torch.no_grad():
+        dist = model.encode(image).latent_dist
+        sample = model.decode(latents).sample
+    return dist.mean, dist.logvar, sample
+
+
+def load_ours(folder):
+    config = AutoencoderConfig.from_dict(read_json(folder / "config.json"))
+    return load_strict(AutoencoderKL(config), sanitize(read_safetensors(folder)), "vae")
+
+
+def run_ours(model, image, latents):
+    mean, logvar = model.encode(nchw_to_nhwc(image))
+    sample = model.decode(nchw_to_nhwc(latents))
+    mx.eval(mean, logvar, sample)
+    return mean, logvar, sample
+
+
+def assert_close(ours, ref, **tol):
+    for name, a, b in zip(("mean", "logvar", "decoded"), ours, ref):
+        np.testing.assert_allclose(to_np(a), b.permute(0, 2, 3, 1).numpy(), err_msg=name, **tol)
+
+
+def max_abs_diffs(ours, ref):
+    return {
+        name: float(np.abs(to_np(a) - b.permute(0, 2, 3, 1).numpy()).max())
+        for name, a, b in zip(("mean", "logvar", "decoded"), ours, ref)
+    }
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+def tiny(request, tmp_path_factory):
+    """(folder saved by save_pretrained, image, latents, diffusers outputs) for one tiny config."""
+    torch.manual_seed(0)
+    model = random_reference(TINY_VARIANTS[request.param])
+    with torch.no_grad():
+        if model.quant_conv is not None:  # push two logvar channels past diffusers' clamp to [-30, 20]
+            model.quant_conv.bias[4] += 40.0
+            model.quant_conv.bias[5] -= 60.0
+        # With no input bias, the low-amplitude second sample below gives the first GroupNorms a variance
+        # near their eps, so a wrong eps (1e-5 instead of 1e-6) fails the test.
+        model.encoder.conv_in.bias.zero_()
+        model.decoder.conv_in.bias.zero_()
+    image = torch.rand(2, 3, 48, 32) * 2 - 1  # non-square
+    image[1] *= 1e-3
+    latents = torch.randn(2, 4, 6, 5)  # non-square
+    latents[1] *= 1e-3
+    folder = tmp_path_factory.mktemp(f"vae_{request.param}")
+    model.save_pretrained(folder)
+    ref = reference_outputs(model, image, latents)
+    if model.quant_conv is not None:
+        assert ref[1].max() == 20.0 and ref[1].min() == -30.0  # the clamp is exercised
+    return folder, image, latents, ref
+
+
+def test_tiny_parity(tiny):
+    folder, image, latents, ref = tiny
+    ours = run_ours(load_ours(folder), image, latents)
+    assert ours[0].shape == (2, 24, 16, 4) and ours[2].shape == (2, 12, 10, 3)
+    print("tiny max abs diff", folder.name, max_abs_diffs(ours, ref))
+    assert_close(ours, ref, **TINY_TOL)
+
+
+def legacy_weights(weights, conv_shaped):
+    """The same weights under the pre-0.14 attention names, optionally with conv-shaped (O, I, 1, 1) projections."""
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for key, value in weights.items():
+        for new, old in renames.items():
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                if conv_shaped and value.ndim == 2:
+                    value = value[:, :, None, None].contiguous()  # (O, I) -> (O, I, 1, 1)
+        legacy[key] = value
+    return legacy
+
+
+@pytest.mark.parametrize("tiny", ["attention"], indirect=True)
+@pytest.mark.parametrize("conv_shaped", [False, True])
+def test_legacy_attention_names(tiny, tmp_path, conv_shaped):
+    folder, image, latents, ref = tiny
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    legacy = legacy_weights(weights, conv_shaped)
+    assert "encoder.mid_block.attentions.0.query.weight" in legacy
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(legacy, tmp_path / "diffusion_pytorch_model.safetensors")
+    ours = run_ours(load_ours(tmp_path), image, latents)
+    assert_close(ours, ref, **TINY_TOL)
+
+
+@pytest.mark.parametrize("tiny", ["attention"], indirect=True)
+def test_legacy_names_are_what_diffusers_accepts(tiny, tmp_path):
+    """Guards the legacy fixture above: diffusers itself loads those names to the same outputs."""
+    folder, image, latents, ref = tiny
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    legacy = legacy_weights(weights, conv_shaped=False)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(legacy, tmp_path / "diffusion_pytorch_model.safetensors")
+    reloaded = TorchAutoencoderKL.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    for a, b in zip(reference_outputs(reloaded, image, latents), ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_strict_loading_names_bad_keys(tiny):
+    folder = tiny[0]
+    config = AutoencoderConfig.from_dict(read_json(folder / "config.json"))
+    weights = sanitize(read_safetensors(folder))
+    del weights["decoder.up_blocks.1.resnets.1.conv2.weight"]
+    weights["decoder.up_blocks.1.upsamplers.0.conv.weight"] = mx.zeros((3, 3, 3, 3))
+    with pytest.raises(ModelLoadError) as err:
+        load_strict(AutoencoderKL(config), weights, "vae")
+    assert "decoder.up_blocks.1.resnets.1.conv2.weight" in str(err.value)
+    assert "decoder.up_blocks.1.upsamplers.0.conv.weight" in str(err.value)
+
+
+def test_config_from_dict():
+    config = AutoencoderConfig.from_dict(real_config(SDXL, "vae"))
+    assert config.scaling_factor == 0.13025 and config.force_upcast
+    assert config.block_out_channels == [128, 256, 512, 512] and config.layers_per_block == 2
+    config = AutoencoderConfig.from_dict(real_config(SD15, "vae"))
+    assert config.scaling_factor == 0.18215 and config.shift_factor is None and config.use_quant_conv
+    with pytest.raises(ValueError, match="AttnDownEncoderBlock2D"):
+        AutoencoderKL(AutoencoderConfig.from_dict({**TINY, "down_block_types": ["AttnDownEncoderBlock2D"] * 2}))
+
+
+# Full size: 24 resnets deep with random weights; float32 summation-order noise grows with depth and the
+# 512-channel convs, so the tolerance is relative to the output scale (measured diffs are ~1e-5 of it).
+@pytest.mark.fullsize
+@pytest.mark.parametrize("model_name", [SD15, SDXL])
+def test_fullsize_parity(model_name, tmp_path):
+    torch.manual_seed(0)
+    reference = random_reference(real_config(model_name, "vae"))
+    image = torch.rand(1, 3, 64, 48) * 2 - 1
+    latents = torch.randn(1, 4, 8, 6)
+    start = time.perf_counter()
+    ref = reference_outputs(reference, image, latents)
+    torch_s = time.perf_counter() - start
+    reference.save_pretrained(tmp_path)
+    del reference
+    gc.collect()
+
+    ours_model = load_ours(tmp_path)
+    start = time.perf_counter()
+    ours = run_ours(ours_model, image, latents)
+    mlx_s = time.perf_counter() - start
+    assert ours[0].shape == (1, 8, 6, 4) and ours[2].shape == (1, 64, 48, 3)
+    diffs = max_abs_diffs(ours, ref)
+    scales = {name: float(r.abs().max()) for name, r in zip(("mean", "logvar", "decoded"), ref)}
+    print(f"\n{model_name} vae: max abs diff {diffs}, ref max abs {scales}, torch {torch_s:.2f} s, mlx {mlx_s:.2f} s")
+    for name in diffs:
+        assert diffs[name] <= 1e-4 * max(scales[name], 1.0), name
