@@ -8,15 +8,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .clip import CLIPTextConfig, CLIPTextModel
-from .clip import sanitize as sanitize_clip
+from .loading import load_denoiser, load_text_encoder
 from .schedulers import SAMPLERS, default_sampler, make_scheduler
-from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel, UNetConfig
-from .unet import sanitize as sanitize_unet
-from .vae import AutoencoderConfig, AutoencoderKL
-from .vae import sanitize as sanitize_vae
-from .weights import ModelLoadError, load_strict, read_json, read_safetensors, resolve_model
+from .weights import ModelLoadError, read_json, resolve_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -268,26 +262,6 @@ class StableDiffusionXL(StableDiffusion):
         batch = conditioning.embeds.shape[0]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
-
-
-def load_text_encoder(folder, tokenizer_name, encoder_name, dtype):
-    """The tokenizer and CLIP text encoder stored under `folder/tokenizer_name` and `folder/encoder_name`."""
-    tokenizer = CLIPTokenizer.from_folder(folder / tokenizer_name)
-    encoder = CLIPTextModel(CLIPTextConfig.from_dict(read_json(folder / encoder_name / "config.json")))
-    load_strict(encoder, sanitize_clip(read_safetensors(folder / encoder_name)), encoder_name, dtype)
-    return tokenizer, encoder
-
-
-def load_denoiser(folder, dtype):
-    """The UNet, the VAE and the scheduler config of a diffusers-format folder."""
-    unet = UNet2DConditionModel(UNetConfig.from_dict(read_json(folder / "unet" / "config.json")))
-    load_strict(unet, sanitize_unet(read_safetensors(folder / "unet")), "unet", dtype)
-    vae_config = AutoencoderConfig.from_dict(read_json(folder / "vae" / "config.json"))
-    vae = AutoencoderKL(vae_config)
-    # diffusers' force_upcast: the float16 VAE overflows, so it runs in float32 (bfloat16 does not overflow).
-    vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.force_upcast else dtype
-    load_strict(vae, sanitize_vae(read_safetensors(folder / "vae")), "vae", vae_dtype)
-    return unet, vae, read_json(folder / "scheduler" / "scheduler_config.json")
 
 
 def to_pil(images):
