@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .loading import load_denoiser, load_text_encoder
+from .prompts import apply_weights, chunk_prompt, pad_chunks
 from .schedulers import SAMPLERS, default_sampler, make_scheduler
 from .weights import ModelLoadError, read_json, resolve_model
 
@@ -26,14 +27,31 @@ class Defaults:
     sampler: str
 
 
-class Images(list):
-    """The generated PIL images, with the seed of the first one (image i used seed + i) and the settings."""
+# Cheap previews: a linear map from the 4 latent channels to RGB (the factors ComfyUI and A1111 use).
+PREVIEW_FACTORS = {
+    "sd": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+           [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+             [0.1084, -0.0175, -0.0011]),
+}
 
-    def __init__(self, images, seed, parameters, timings):
+
+class GenerationCancelled(Exception):
+    """Raised by generate() when its `cancel` event is set; no image is returned."""
+
+
+class Images(list):
+    """The generated PIL images, with the seed of the first one (image i used seed + i) and the settings.
+
+    `timings`: seconds per phase; `peak_memory`: the peak bytes MLX held during the generation.
+    """
+
+    def __init__(self, images, seed, parameters, timings, peak_memory):
         super().__init__(images)
         self.seed = seed
         self.parameters = parameters
         self.timings = timings
+        self.peak_memory = peak_memory
 
 
 @dataclass
@@ -48,6 +66,8 @@ class Conditioning:
 class StableDiffusion:
     """Stable Diffusion 1.x / 2.x (epsilon and v-prediction) and SD-Turbo on MLX; loads SDXL as StableDiffusionXL."""
 
+    family = "sd"
+
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, dtype=mx.float16, name="model"):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -58,10 +78,42 @@ class StableDiffusion:
         self.name = name
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.defaults = _defaults(unet.config, scheduler_config, self.vae_scale_factor)
+        self.reload_text_encoders = None  # set by from_pretrained(low_memory=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unload()
+
+    def unload(self):
+        """Frees every model's weights; the pipeline cannot generate afterwards."""
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self.reload_text_encoders = None
+        mx.clear_cache()
+
+    def free_text_encoders(self):
+        """Frees the text encoders (low_memory mode); they are loaded again when a prompt needs encoding."""
+        self.text_encoder = None
+        if hasattr(self, "text_encoder_2"):
+            self.text_encoder_2 = None
+        mx.clear_cache()
+
+    def _ensure_text_encoders(self):
+        if self.text_encoder is None:
+            if self.reload_text_encoders is None:
+                raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+            self.reload_text_encoders(self)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float16"):
-        """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache)."""
+    def from_pretrained(cls, name_or_path, dtype="float16", low_memory=False):
+        """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache).
+
+        low_memory=True frees the text encoders once the prompts are encoded (they are read again from
+        the model folder for the next prompt), so that they and the UNet are never in memory together.
+        """
         dtype = _dtype(dtype)
         folder = resolve_model(name_or_path)
         index = read_json(folder / "model_index.json")
@@ -70,7 +122,10 @@ class StableDiffusion:
             raise ModelLoadError(
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(pipeline_cls)}"
             )
-        return pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path))
+        model = pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path))
+        if low_memory:
+            model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype)
+        return model
 
     @classmethod
     def _load(cls, folder, index, dtype, name):
@@ -80,23 +135,33 @@ class StableDiffusion:
         mx.eval(model.parameters())
         return model
 
+    def _load_text_encoders(self, folder, dtype):
+        _, self.text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype)
+
     def parameters(self):
         return [m.parameters() for m in (self.text_encoder, self.unet, self.vae)]
 
     # --- phases -------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None):
-        """CLIP embeddings of the prompts, with the negative prompts first when guidance is on."""
+    def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None, truncate=False):
+        """CLIP embeddings of the prompts, with the negative prompts first when guidance is on.
+
+        Prompts follow A1111: `(word:1.3)` weights, and prompts over 75 tokens are encoded in 75-token
+        chunks and concatenated (every prompt of the batch padded to the same number of chunks);
+        truncate=True keeps the first chunk only. clip_skip: A1111 numbering (1 = last layer).
+        """
+        self._ensure_text_encoders()
         guidance = guidance_scale > 1
-        texts = list(negative_prompts) + list(prompts) if guidance else list(prompts)
-        ids = mx.array(self.tokenizer(texts))
-        out = self.text_encoder(ids)
-        if clip_skip is None or clip_skip <= 1:
-            embeds = out.last_hidden_state
-        else:
-            # A1111 numbering: clip_skip=2 is the penultimate layer; the final layer norm still applies (diffusers).
-            hidden = out.hidden_states[-clip_skip]
-            embeds = self.text_encoder.text_model.final_layer_norm(hidden)
+        texts = [*negative_prompts, *prompts] if guidance else list(prompts)
+
+        def select(out):
+            if clip_skip is None or clip_skip <= 1:
+                return out.last_hidden_state
+            # the final layer norm still applies to an earlier layer (diffusers, A1111)
+            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+
+        chunks = chunk_texts(self.tokenizer, texts, truncate)
+        embeds, _ = encode_chunks(self.text_encoder, chunks, select)
         return Conditioning(embeds.astype(self.dtype), guidance)
 
     def denoise(self, conditioning, latents, scheduler, guidance_scale, seed=0):
@@ -147,6 +212,9 @@ class StableDiffusion:
         original_size=None,
         crops_coords_top_left=(0, 0),
         target_size=None,
+        truncate_prompt=False,
+        callback=None,
+        cancel=None,
     ):
         """Generates `num_images` PIL images for `prompt`; returns them as a list with `.seed` and `.parameters`.
 
@@ -154,6 +222,9 @@ class StableDiffusion:
         sampler's initial sigma exactly as diffusers treats its `latents` argument. Image i uses seed + i.
         SDXL only: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs) set the
         size conditioning; they default to the output size and (0, 0).
+        `truncate_prompt=True` cuts prompts at 75 tokens instead of encoding them in chunks.
+        `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
+        threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
         d = self.defaults
         width = d.width if width is None else int(width)
@@ -170,20 +241,31 @@ class StableDiffusion:
             raise ValueError(f"latents must have shape {shape} for {num_images} image(s) of {width}x{height}, got {tuple(latents.shape)}")
 
         timings = {}
+        mx.reset_peak_memory()
         tic = time.perf_counter()
-        conditioning = self.encode_prompt([prompt] * num_images, [negative_prompt] * num_images, guidance_scale, clip_skip)
+        conditioning = self.encode_prompt(
+            [prompt] * num_images, [negative_prompt] * num_images, guidance_scale, clip_skip, truncate_prompt
+        )
         conditioning = self.add_size_conditioning(
             conditioning, (height, width), original_size, crops_coords_top_left, target_size
         )
         mx.eval(conditioning.embeds, conditioning.extra)
+        if self.reload_text_encoders is not None:
+            self.free_text_encoders()
         timings["text_encoder"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps)
         x = mx.array(latents, dtype=mx.float32) * scheduler.init_noise_sigma
-        for x in self.denoise(conditioning, x, scheduler, guidance_scale, seed):
-            pass
+        total = len(scheduler.timesteps)
+        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seed)
+        for step in range(1, total + 1):
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"cancelled before step {step} of {total}")
+            x = next(denoising)
+            if callback is not None:
+                callback(step, total, x)
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -193,7 +275,15 @@ class StableDiffusion:
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, model=self.name, clip_skip=clip_skip,
         )
-        return Images(images, seed, parameters, timings)
+        return Images(images, seed, parameters, timings, mx.get_peak_memory())
+
+    def decode_preview(self, latents):
+        """Cheap previews of latents (B, h, w, 4): a linear map to RGB, upscaled to the output size."""
+        factors, bias = PREVIEW_FACTORS[self.family]
+        rgb = latents.astype(mx.float32) @ mx.array(factors) + mx.array(bias)  # (B, h, w, 3) in about [-1, 1]
+        images = to_pil(mx.clip(rgb / 2 + 0.5, 0, 1))
+        size = (latents.shape[2] * self.vae_scale_factor, latents.shape[1] * self.vae_scale_factor)
+        return [image.resize(size, Image.BILINEAR) for image in images]
 
     def check_settings(self, width, height, steps, guidance_scale, sampler, num_images):
         """Raises ValueError with a one-line explanation for settings that cannot work."""
@@ -213,6 +303,8 @@ class StableDiffusion:
 class StableDiffusionXL(StableDiffusion):
     """SDXL base and SDXL-Turbo: two text encoders (CLIP ViT-L + OpenCLIP bigG) and size conditioning."""
 
+    family = "sdxl"
+
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae, scheduler_config,
                  dtype=mx.float16, name="model", force_zeros_for_empty_prompt=True):
         super().__init__(tokenizer, text_encoder, unet, vae, scheduler_config, dtype, name)
@@ -230,30 +322,30 @@ class StableDiffusionXL(StableDiffusion):
         mx.eval(model.parameters())
         return model
 
+    def _load_text_encoders(self, folder, dtype):
+        super()._load_text_encoders(folder, dtype)
+        _, self.text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype)
+
     def parameters(self):
         return super().parameters() + [self.text_encoder_2.parameters()]
 
-    def _encode(self, texts, clip_skip):
+    def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None, truncate=False):
         # diffusers' SDXL: penultimate hidden states of both encoders (no final norm) side by side, pooled from
         # the projected output of the second. clip_skip (A1111 numbering) counts back from the penultimate layer.
-        layer = -2 if clip_skip is None else -(clip_skip + 1)
-        hidden = []
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(mx.array(tokenizer(texts)))
-            hidden.append(out.hidden_states[layer])
-        return mx.concatenate(hidden, axis=-1), out.text_embeds  # (B, 77, 768 + 1280), (B, 1280)
-
-    def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None):
+        self._ensure_text_encoders()
         guidance = guidance_scale > 1
-        embeds, pooled = self._encode(list(prompts), clip_skip)
-        if guidance:
-            if self.force_zeros_for_empty_prompt and not any(negative_prompts):
-                # an empty negative prompt is zero embeddings (diffusers' force_zeros_for_empty_prompt)
-                negative, negative_pooled = mx.zeros_like(embeds), mx.zeros_like(pooled)
-            else:
-                negative, negative_pooled = self._encode(list(negative_prompts), clip_skip)
-            embeds = mx.concatenate([negative, embeds])
-            pooled = mx.concatenate([negative_pooled, pooled])
+        texts = [*negative_prompts, *prompts] if guidance else list(prompts)
+        layer = -2 if clip_skip is None else -(clip_skip + 1)
+        chunks = [chunk_texts(self.tokenizer, texts, truncate), chunk_texts(self.tokenizer_2, texts, truncate)]
+        n = max(len(c) for c in chunks[0] + chunks[1])  # the two tokenizers differ on "!"
+        hidden, _ = encode_chunks(self.text_encoder, chunks[0], lambda out: out.hidden_states[layer], n)
+        hidden_2, pooled = encode_chunks(self.text_encoder_2, chunks[1], lambda out: out.hidden_states[layer], n)
+        embeds = mx.concatenate([hidden, hidden_2], axis=-1)  # (B, 77 * n, 768 + 1280)
+        if guidance and self.force_zeros_for_empty_prompt and not any(negative_prompts):
+            # an empty negative prompt is zero embeddings (diffusers' force_zeros_for_empty_prompt)
+            b = len(negative_prompts)
+            embeds = mx.concatenate([mx.zeros_like(embeds[:b]), embeds[b:]])
+            pooled = mx.concatenate([mx.zeros_like(pooled[:b]), pooled[b:]])
         return Conditioning(embeds.astype(self.dtype), guidance, {"text_embeds": pooled.astype(self.dtype)})
 
     def add_size_conditioning(self, conditioning, size, original_size, crops_coords_top_left, target_size):
@@ -262,6 +354,30 @@ class StableDiffusionXL(StableDiffusion):
         batch = conditioning.embeds.shape[0]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
+
+
+def chunk_texts(tokenizer, texts, truncate):
+    """A1111 chunks (75 tokens + BOS/EOS, with weights) of each text."""
+    return [chunk_prompt(tokenizer, text, truncate=truncate) for text in texts]
+
+
+def encode_chunks(encoder, chunks, select, n=None):
+    """Encodes texts chunk by chunk, weights each chunk (A1111) and joins the chunks along the tokens.
+
+    Every text is padded to n chunks (default: the most any text has). Returns the joined hidden states
+    (B, 77 * n, D) and the projected pooled output of each text's first chunk (None without projection).
+    """
+    n = n or max(len(c) for c in chunks)
+    chunks = [pad_chunks(c, n) for c in chunks]
+    out = encoder(mx.array(np.concatenate([c.ids for c in chunks])))  # B * n chunks of 77 ids
+    hidden = select(out)
+    B, L, D = len(chunks), hidden.shape[1], hidden.shape[2]
+    weights = np.stack([c.weights for c in chunks])  # (B, n, 77)
+    if not np.all(weights == 1):
+        hidden = apply_weights(hidden.reshape(B, n, L, D), weights)
+    hidden = hidden.reshape(B, n * L, D)
+    pooled = None if out.text_embeds is None else out.text_embeds.reshape(B, n, -1)[:, 0]
+    return hidden, pooled
 
 
 def to_pil(images):

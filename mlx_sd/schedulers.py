@@ -68,7 +68,7 @@ def _alphas_cumprod(cfg):
         raise ValueError(f"unknown beta_schedule {schedule!r}")
     cumprod, acc = [], 1.0
     for beta in betas:
-        acc = _f32(acc * _f32(1.0 - beta))
+        acc *= _f32(1.0 - beta)
         cumprod.append(_f32(acc))
     return cumprod
 

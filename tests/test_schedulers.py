@@ -67,12 +67,11 @@ def assert_same_schedule(ours, ref):
     1e-6 is a few float32 ulps: diffusers takes ((1 - a) / a) ** 0.5 with torch's float32 sqrt, which on x86 CPUs
     is not correctly rounded (1 ulp off for ~20% of the training sigmas); ours is. Euler with Karras sigmas keeps
     fractional timesteps interpolated on log(sigma), and numpy's float32 log (SIMD) is not correctly rounded
-    either: those timesteps may differ in their last float32 bit."""
+    either: those timesteps may differ in their last float32 bits (measured up to 6e-5), hence atol 1e-3 there."""
     euler_karras = isinstance(ours, EulerDiscreteScheduler) and ours.config.get("use_karras_sigmas")
-    timestep_rtol = 1e-6 if euler_karras else 0.0
     assert str(ours.timesteps.dtype).split(".")[-1] == str(ref.timesteps.dtype).split(".")[-1]
     timesteps, expected = np.array(ours.timesteps).astype(np.float64), ref.timesteps.numpy().astype(np.float64)
-    np.testing.assert_allclose(timesteps, expected, rtol=timestep_rtol, atol=0)
+    np.testing.assert_allclose(timesteps, expected, rtol=0, atol=1e-3 if euler_karras else 0)
     assert hasattr(ours, "sigmas") == hasattr(ref, "sigmas")
     if hasattr(ref, "sigmas"):
         np.testing.assert_allclose(np.array(ours.sigmas), ref.sigmas.numpy(), rtol=1e-6, atol=0)
@@ -81,16 +80,15 @@ def assert_same_schedule(ours, ref):
 
 
 def assert_close(ours, ref):
-    """ours (NHWC) within 1e-5 of ref (NCHW), relative to the largest |ref|; returns max|diff| / max|ref|.
+    """ours (NHWC) within 1e-5 of ref (NCHW), relative to the largest |ref|.
 
     diffusers computes the step coefficients (sqrt, log, exp of sigmas and alphas) in torch float32, we compute them
     in float64: they differ by ~1 float32 ulp, which moves a result by a few ulps of its largest operand (e.g.
-    sigma * eps ~ 40 early on, where the result may be near 0). Measured worst over all tests: 1.8e-6."""
+    sigma * eps ~ 40 early on, where the result may be near 0). Measured worst over all tests: 1.6e-6."""
     ref = ref.permute(0, 2, 3, 1).numpy()
     ours = np.array(ours)
     scale = float(np.abs(ref).max())
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * scale)
-    return float(np.abs(ours - ref).max()) / scale
 
 
 def run_loop(ours, ref, seed=0):
@@ -175,6 +173,7 @@ def test_real_configs(name, config_name):
         ("euler", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)),
         ("ddim", dict(clip_sample=True, set_alpha_to_one=True)),
         ("ddim", dict(clip_sample=True, clip_sample_range=2.0, prediction_type="sample")),
+        ("dpmpp_2m", dict(final_sigmas_type="sigma_min")),  # first order at the end below 15 steps only
         ("dpmpp_2m", dict(final_sigmas_type="sigma_min", lower_order_final=False)),
         ("dpmpp_2m", dict(final_sigmas_type="sigma_min", euler_at_final=True)),
         ("dpmpp_2m", dict(lambda_min_clipped=-3.0)),
