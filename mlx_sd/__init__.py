@@ -1,7 +1,7 @@
 """mlx_sd: Stable Diffusion natively on Apple silicon with MLX."""
 
-from .pipeline import Images, StableDiffusion
+from .pipeline import GenerationCancelled, Images, StableDiffusion, StableDiffusionXL
 from .weights import ModelLoadError
 
 __version__ = "0.1.0"
-__all__ = ["StableDiffusion", "Images", "ModelLoadError", "__version__"]
+__all__ = ["StableDiffusion", "StableDiffusionXL", "Images", "GenerationCancelled", "ModelLoadError", "__version__"]

@@ -226,6 +226,8 @@ class StableDiffusion:
         `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
         threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
+        if self.unet is None:
+            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
         d = self.defaults
         width = d.width if width is None else int(width)
         height = d.height if height is None else int(height)
@@ -357,8 +359,9 @@ class StableDiffusionXL(StableDiffusion):
 
 
 def chunk_texts(tokenizer, texts, truncate):
-    """A1111 chunks (75 tokens + BOS/EOS, with weights) of each text."""
-    return [chunk_prompt(tokenizer, text, truncate=truncate) for text in texts]
+    """A1111 chunks (75 tokens + BOS/EOS, with weights) of each text; truncate keeps the first 75 tokens."""
+    # no comma backtrack when truncating, so that the kept part is what the tokenizer's truncation keeps
+    return [chunk_prompt(tokenizer, text, truncate=truncate, comma_backtrack=0 if truncate else 20) for text in texts]
 
 
 def encode_chunks(encoder, chunks, select, n=None):

@@ -35,7 +35,8 @@ def pipelines(tmp_path_factory):
 
 
 def run_both(reference, ours, sampler, width, height, steps, guidance_scale, num_images=1,
-             negative_prompt="", clip_skip=None, prompt="a photo of an astronaut riding a horse on mars", **xl):
+             negative_prompt="", clip_skip=None, prompt="a photo of an astronaut riding a horse on mars",
+             truncate_prompt=False, **xl):
     import diffusers
 
     name, overrides = DIFFUSERS_SCHEDULERS[sampler]
@@ -52,7 +53,7 @@ def run_both(reference, ours, sampler, width, height, steps, guidance_scale, num
         ).images
     images = ours.generate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                            guidance_scale=guidance_scale, sampler=sampler, seed=0, num_images=num_images,
-                           latents=mx.array(latents), clip_skip=clip_skip, **xl)
+                           latents=mx.array(latents), clip_skip=clip_skip, truncate_prompt=truncate_prompt, **xl)
     return np.stack([np.asarray(i, np.float64) for i in images]), np.stack([np.asarray(i, np.float64) for i in expected])
 
 

@@ -1,0 +1,127 @@
+"""The Python API beyond one image: A1111 prompts, callbacks, cancelling, low memory, unloading, previews."""
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from test_pipeline import assert_images_close, run_both
+from tiny_models import make_pipeline
+
+from mlx_sd import GenerationCancelled, StableDiffusion
+from mlx_sd.prompts import chunk_prompt
+
+LONG = ", ".join(f"a detailed {w} in the style of an old master" for w in
+                 ["castle", "river", "forest", "mountain", "village", "bridge", "harbour", "meadow", "lighthouse"])
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1")
+    reference = make_pipeline("sd1", folder)
+    return folder, reference, StableDiffusion.from_pretrained(folder, dtype="float32")
+
+
+def reference_hidden(reference, ids):
+    with torch.no_grad():
+        return reference.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+
+
+def test_long_prompts_are_chunks_encoded_separately(sd1):
+    _, reference, ours = sd1
+    chunks = chunk_prompt(ours.tokenizer, LONG)
+    assert len(chunks) == 2
+    expected = np.concatenate(list(reference_hidden(reference, chunks.ids)), axis=0)[None]  # (1, 154, D)
+    embeds = np.array(ours.encode_prompt([LONG], [""], 0.0).embeds)
+    np.testing.assert_allclose(embeds, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_negative_prompt_is_padded_to_the_same_chunks(sd1):
+    _, reference, ours = sd1
+    conditioning = ours.encode_prompt([LONG], ["blurry"], 7.5)
+    negative = chunk_prompt(ours.tokenizer, "blurry")
+    empty = chunk_prompt(ours.tokenizer, "")
+    expected = np.concatenate([reference_hidden(reference, negative.ids)[0], reference_hidden(reference, empty.ids)[0]])
+    assert conditioning.embeds.shape[1] == 154
+    np.testing.assert_allclose(np.array(conditioning.embeds[0]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_prompt_follows_a1111(sd1):
+    _, reference, ours = sd1
+    prompt = "a (red:1.5) house on a [hill]"
+    chunks = chunk_prompt(ours.tokenizer, prompt)
+    assert sorted(set(np.round(chunks.weights[0], 4))) == [round(1 / 1.1, 4), 1.0, 1.5]
+    z = reference_hidden(reference, chunks.ids).astype(np.float64)  # (1, 77, D)
+    weighted = z * chunks.weights[..., None]
+    expected = weighted * (z.mean() / weighted.mean())  # A1111 "Original" emphasis
+    embeds = np.array(ours.encode_prompt([prompt], [""], 0.0).embeds)
+    np.testing.assert_allclose(embeds, expected, atol=1e-5, rtol=1e-4)
+    assert np.abs(embeds - z).max() > 0.1  # the weights changed something
+
+
+def test_truncated_long_prompt_matches_diffusers(sd1):
+    _, reference, ours = sd1
+    with pytest.warns(UserWarning, match="cut off"):
+        ours_images, expected = run_both(reference, ours, "euler", 48, 48, 2, 7.5, prompt=LONG, truncate_prompt=True)
+    assert_images_close(ours_images, expected)
+
+
+def test_callback_gets_every_step_and_cancel_stops(sd1):
+    _, _, ours = sd1
+    seen = []
+    ours.generate("a cat", width=32, height=32, steps=3, seed=1, callback=lambda i, n, x: seen.append((i, n, x.shape)))
+    assert seen == [(1, 3, (1, 4, 4, 4)), (2, 3, (1, 4, 4, 4)), (3, 3, (1, 4, 4, 4))]
+
+    cancel = threading.Event()
+    steps = []
+
+    def stop_after_two(i, n, x):
+        steps.append(i)
+        if i == 2:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled, match="before step 3 of 5"):
+        ours.generate("a cat", width=32, height=32, steps=5, seed=1, callback=stop_after_two, cancel=cancel)
+    assert steps == [1, 2]
+
+
+def test_result_reports_timings_and_peak_memory(sd1):
+    _, _, ours = sd1
+    images = ours.generate("a cat", width=32, height=32, steps=2, seed=5)
+    assert set(images.timings) == {"text_encoder", "denoise", "vae"}
+    assert images.peak_memory > 0 and images.parameters["seed"] == 5
+
+
+def test_low_memory_frees_text_encoders_and_gives_the_same_image(sd1):
+    folder, _, ours = sd1
+    expected = ours.generate("a cat", width=32, height=32, steps=2, seed=2)[0]
+    lean = StableDiffusion.from_pretrained(folder, dtype="float32", low_memory=True)
+    first = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]
+    assert lean.text_encoder is None  # freed after encoding
+    second = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]  # reloaded for the next prompt
+    assert np.array_equal(np.asarray(first), np.asarray(expected))
+    assert np.array_equal(np.asarray(second), np.asarray(expected))
+
+
+def test_unload_and_context_manager(sd1):
+    folder, _, _ = sd1
+    with StableDiffusion.from_pretrained(folder, dtype="float32") as pipe:
+        pipe.generate("a cat", width=32, height=32, steps=1, seed=0)
+    assert pipe.unet is None and pipe.vae is None
+    with pytest.raises(RuntimeError, match="unloaded"):
+        pipe.generate("a cat", width=32, height=32, steps=1, seed=0)
+
+
+def test_decode_preview_is_the_linear_latent_map(sd1):
+    _, _, ours = sd1
+    # left half one latent colour, right half another (uniform regions survive the bilinear upscale)
+    colours = np.array([[0.9, -0.4, 0.3, -0.6], [-0.5, 0.8, -0.2, 0.7]], np.float32)
+    latents = np.concatenate([np.broadcast_to(colours[0], (1, 4, 3, 4)), np.broadcast_to(colours[1], (1, 4, 3, 4))], 2)
+    preview = np.asarray(ours.decode_preview(mx.array(latents))[0], np.float64)
+    assert preview.shape == (32, 48, 3)
+    factors = np.array([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                        [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
+    rgb = np.clip((colours @ factors) / 2 + 0.5, 0, 1) * 255
+    np.testing.assert_allclose(preview[:, :16], np.broadcast_to(rgb[0], (32, 16, 3)), atol=1)
+    np.testing.assert_allclose(preview[:, -16:], np.broadcast_to(rgb[1], (32, 16, 3)), atol=1)
