@@ -8,10 +8,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .loading import load_denoiser, load_text_encoder
+from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
+from .loading import load_denoiser, load_text_encoder, open_model
 from .prompts import apply_weights, chunk_prompt, pad_chunks
-from .schedulers import SAMPLERS, default_sampler, make_scheduler
-from .weights import ModelLoadError, read_json, resolve_model
+from .schedulers import default_sampler, make_scheduler, resolve_sampler
+from .weights import ModelLoadError, read_json
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -52,6 +53,16 @@ class Images(list):
         self.parameters = parameters
         self.timings = timings
         self.peak_memory = peak_memory
+
+
+@dataclass
+class Inpainting:
+    """What the denoising loop needs to inpaint."""
+
+    mask: mx.array  # (B, h, w, 1) 1 = repaint, at latent size
+    image_latents: mx.array  # (B, h, w, 4) scaled latents of the input image
+    masked_latents: mx.array  # (B, h, w, 4) latents of the image with the mask's area blanked (inpainting UNets), or None
+    noise: mx.array  # (B, h, w, 4) the noise the image latents are noised with
 
 
 @dataclass
@@ -108,35 +119,41 @@ class StableDiffusion:
             self.reload_text_encoders(self)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float16", low_memory=False):
-        """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache).
+    def from_pretrained(cls, name_or_path, dtype="float16", low_memory=False, quantize=None):
+        """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache), a folder
+        written by `mlx-sd convert`, or a single-file `.safetensors` checkpoint of SD 1.x or SDXL (SD 2.x files
+        need `mlx-sd convert --prediction-type`).
+
+        quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
 
         low_memory=True frees the text encoders once the prompts are encoded (they are read again from
         the model folder for the next prompt), so that they and the UNet are never in memory together.
         """
         dtype = _dtype(dtype)
-        folder = resolve_model(name_or_path)
+        folder, checkpoint = open_model(name_or_path)
         index = read_json(folder / "model_index.json")
-        pipeline_cls = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL}
+        pipeline_cls = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
+                        "StableDiffusionInpaintPipeline": StableDiffusion,
+                        "StableDiffusionXLInpaintPipeline": StableDiffusionXL}
         if index.get("_class_name") not in pipeline_cls:
             raise ModelLoadError(
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(pipeline_cls)}"
             )
-        model = pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path))
+        model = pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
         if low_memory:
-            model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype)
+            model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype, quantize, checkpoint)
         return model
 
     @classmethod
-    def _load(cls, folder, index, dtype, name):
-        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype)
-        unet, vae, scheduler_config = load_denoiser(folder, dtype)
+    def _load(cls, folder, index, dtype, name, quantize=None, checkpoint=None):
+        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
+        unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
         model = cls(tokenizer, text_encoder, unet, vae, scheduler_config, dtype, name=name)
         mx.eval(model.parameters())
         return model
 
-    def _load_text_encoders(self, folder, dtype):
-        _, self.text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype)
+    def _load_text_encoders(self, folder, dtype, quantize=None, checkpoint=None):
+        _, self.text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
 
     def parameters(self):
         return [m.parameters() for m in (self.text_encoder, self.unet, self.vae)]
@@ -164,19 +181,35 @@ class StableDiffusion:
         embeds, _ = encode_chunks(self.text_encoder, chunks, select)
         return Conditioning(embeds.astype(self.dtype), guidance)
 
-    def denoise(self, conditioning, latents, scheduler, guidance_scale, seed=0):
-        """Yields the latents after each sampler step; each step is evaluated before it is yielded."""
-        noise_key = mx.random.key(seed + 1)
-        for t in scheduler.timesteps:
-            x = mx.concatenate([latents, latents]) if conditioning.guidance else latents
-            x = scheduler.scale_model_input(x, t).astype(self.dtype)
-            eps = self.unet(x, t, conditioning.embeds, **conditioning.extra).astype(mx.float32)
+    def denoise(self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None):
+        """Yields the latents after each sampler step; each step is evaluated before it is yielded.
+
+        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state.
+        Ancestral samplers draw their noise for image i from a stream seeded by seeds[i], so an image
+        comes out the same whichever batch it is generated in.
+        """
+        timesteps = scheduler.timesteps if timesteps is None else timesteps
+        streams = [mx.random.split(mx.random.key(seed))[1] for seed in seeds]
+        double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
+        for i, t in enumerate(timesteps):
+            x = scheduler.scale_model_input(double(latents), t)
+            if inpaint is not None and inpaint.masked_latents is not None:
+                # inpainting UNets take the mask and the masked image's latents as 5 more channels
+                x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
+            eps = self.unet(x.astype(self.dtype), t, conditioning.embeds, **conditioning.extra).astype(mx.float32)
             if conditioning.guidance:
                 eps_uncond, eps_text = mx.split(eps, 2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            noise_key, step_key = mx.random.split(noise_key)
-            noise = mx.random.normal(latents.shape, key=step_key)
+            keys = [mx.random.split(stream) for stream in streams]
+            streams = [k[0] for k in keys]
+            noise = mx.concatenate([mx.random.normal((1, *latents.shape[1:]), key=k[1]) for k in keys])
             latents = scheduler.step(eps, t, latents, noise=noise)
+            if inpaint is not None and inpaint.masked_latents is None:
+                # ordinary checkpoints: outside the mask, put back the image's latents noised to the next step
+                known = inpaint.image_latents
+                if i < len(timesteps) - 1:
+                    known = scheduler.add_noise(known, inpaint.noise, timesteps[i + 1 : i + 2])
+                latents = (1 - inpaint.mask) * known + inpaint.mask * latents
             mx.eval(latents)
             yield latents
 
@@ -209,6 +242,11 @@ class StableDiffusion:
         num_images=1,
         latents=None,
         clip_skip=None,
+        image=None,
+        strength=None,
+        mask=None,
+        mask_blur=0,
+        image_noise=None,
         original_size=None,
         crops_coords_top_left=(0, 0),
         target_size=None,
@@ -220,6 +258,12 @@ class StableDiffusion:
 
         `latents`: optional initial noise (N, height/8, width/8, 4), standard normal; it is scaled by the
         sampler's initial sigma exactly as diffusers treats its `latents` argument. Image i uses seed + i.
+        `image` (PIL or path): image-to-image from it; `strength` (0..1, default 0.8; 1.0 with a mask) is the
+        share of the schedule that runs (diffusers: the last int(steps * strength) steps), and `latents` is
+        then the noise added to the image's latents. `mask` (PIL or path, white = repaint): inpainting, with
+        inpainting checkpoints (9-channel UNet) or ordinary ones; `mask_blur` blurs the mask first (pixels).
+        The size defaults to the image's, rounded down to multiples of 8. `image_noise` (N, h, w, 4): the
+        standard normal draw of the VAE posterior sample (default: from the seed).
         SDXL only: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs) set the
         size conditioning; they default to the output size and (0, 0).
         `truncate_prompt=True` cuts prompts at 75 tokens instead of encoding them in chunks.
@@ -228,22 +272,46 @@ class StableDiffusion:
         """
         if self.unet is None:
             raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+        if mask is not None and image is None:
+            raise ValueError("a mask needs an image to inpaint (image=...)")
         d = self.defaults
+        if image is not None:
+            image = load_image(image)
+            if mask is not None:
+                check_image_and_mask(image, mask)
+            if width is None and height is None:
+                width, height = default_size(image, self.vae_scale_factor)
         width = d.width if width is None else int(width)
         height = d.height if height is None else int(height)
         steps = d.steps if steps is None else int(steps)
         guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        sampler = d.sampler if sampler is None else sampler
+        sampler = d.sampler if sampler is None else resolve_sampler(sampler)
         seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
-        self.check_settings(width, height, steps, guidance_scale, sampler, num_images)
-        shape = (num_images, height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
-        if latents is None:
-            latents = mx.concatenate([mx.random.normal((1, *shape[1:]), key=mx.random.key(seed + i)) for i in range(num_images)])
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for {num_images} image(s) of {width}x{height}, got {tuple(latents.shape)}")
+        strength = (1.0 if mask is not None else 0.8) if strength is None else float(strength)
+        self.check_settings(width, height, steps, guidance_scale, num_images)
+        shape = (num_images, height // self.vae_scale_factor, width // self.vae_scale_factor,
+                 self.vae.config.latent_channels)
+        seeds = [seed + i for i in range(num_images)]
+        latents = _noise_or(latents, shape, seeds, "latents", width, height)
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
 
         timings = {}
         mx.reset_peak_memory()
+        tic = time.perf_counter()
+        inpaint = None
+        if image is None:
+            x = latents * scheduler.init_noise_sigma
+        else:
+            timesteps = _strength_timesteps(timesteps, steps, strength)
+            # the VAE posterior's standard normal draw, from a stream of its own per image
+            image_noise = _noise_or(image_noise, shape, [s + 2**32 for s in seeds], "image_noise", width, height)
+            x, inpaint = self.prepare_image(image, mask, mask_blur, width, height, strength, latents, image_noise,
+                                            scheduler, timesteps)
+            mx.eval(x)
+            timings["vae_encode"] = time.perf_counter() - tic
+
         tic = time.perf_counter()
         conditioning = self.encode_prompt(
             [prompt] * num_images, [negative_prompt] * num_images, guidance_scale, clip_skip, truncate_prompt
@@ -257,11 +325,8 @@ class StableDiffusion:
         timings["text_encoder"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        scheduler = make_scheduler(sampler, self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        x = mx.array(latents, dtype=mx.float32) * scheduler.init_noise_sigma
-        total = len(scheduler.timesteps)
-        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seed)
+        total = len(timesteps)
+        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seeds, timesteps, inpaint)
         for step in range(1, total + 1):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"cancelled before step {step} of {total}")
@@ -277,7 +342,40 @@ class StableDiffusion:
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, model=self.name, clip_skip=clip_skip,
         )
+        if image is not None:
+            parameters.update(strength=strength, mask_blur=mask_blur if mask is not None else None)
         return Images(images, seed, parameters, timings, mx.get_peak_memory())
+
+    def prepare_image(self, image, mask, mask_blur, width, height, strength, noise, image_noise, scheduler,
+                      timesteps):
+        """The starting latents of image-to-image / inpainting and the inpainting state (None for img2img).
+
+        Follows diffusers' Img2Img and Inpaint pipelines: the image's VAE posterior sample (scaled) noised to
+        the first remaining timestep; inpainting at strength 1 starts from pure noise.
+        """
+        pixels = preprocess_image(image, width, height)  # (1, H, W, 3) in [-1, 1]
+        image_latents = self.encode_image(pixels, image_noise)
+        if mask is None:
+            return scheduler.add_noise(image_latents, noise, timesteps[:1]), None
+        full_mask = preprocess_mask(mask, width, height, mask_blur)  # (1, H, W, 1) in {0, 1}
+        f = self.vae_scale_factor
+        latent_mask = mx.broadcast_to(full_mask[:, ::f, ::f], (*noise.shape[:3], 1))  # nearest, like F.interpolate
+        masked_latents = None
+        if self.unet.config.in_channels == noise.shape[-1] + 1 + noise.shape[-1]:  # an inpainting UNet
+            masked_latents = self.encode_image(pixels * (full_mask < 0.5), image_noise)
+        if strength == 1.0:
+            x = noise * scheduler.init_noise_sigma
+        else:
+            x = scheduler.add_noise(image_latents, noise, timesteps[:1])
+        return x, Inpainting(latent_mask, image_latents, masked_latents, noise)
+
+    def encode_image(self, pixels, eps):
+        """Pixels (1, H, W, 3) in [-1, 1] -> scaled latents of the VAE posterior sample mean + std * eps (N, ...)."""
+        mean, logvar = self.vae.encode(pixels.astype(self.vae.decoder.conv_in.weight.dtype))
+        sample = mean.astype(mx.float32) + mx.exp(0.5 * logvar.astype(mx.float32)) * eps
+        if self.vae.config.shift_factor is not None:
+            sample = sample - self.vae.config.shift_factor
+        return sample * self.vae.config.scaling_factor
 
     def decode_preview(self, latents):
         """Cheap previews of latents (B, h, w, 4): a linear map to RGB, upscaled to the output size."""
@@ -287,7 +385,7 @@ class StableDiffusion:
         size = (latents.shape[2] * self.vae_scale_factor, latents.shape[1] * self.vae_scale_factor)
         return [image.resize(size, Image.BILINEAR) for image in images]
 
-    def check_settings(self, width, height, steps, guidance_scale, sampler, num_images):
+    def check_settings(self, width, height, steps, guidance_scale, num_images):
         """Raises ValueError with a one-line explanation for settings that cannot work."""
         m = self.vae_scale_factor
         if width <= 0 or height <= 0 or width % m or height % m:
@@ -296,8 +394,6 @@ class StableDiffusion:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
 
@@ -315,18 +411,19 @@ class StableDiffusionXL(StableDiffusion):
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
 
     @classmethod
-    def _load(cls, folder, index, dtype, name):
-        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype)
-        tokenizer_2, text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype)
-        unet, vae, scheduler_config = load_denoiser(folder, dtype)
+    def _load(cls, folder, index, dtype, name, quantize=None, checkpoint=None):
+        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
+        tokenizer_2, text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype, quantize,
+                                                        checkpoint)
+        unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
         model = cls(tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae, scheduler_config, dtype, name,
                     index.get("force_zeros_for_empty_prompt", True))
         mx.eval(model.parameters())
         return model
 
-    def _load_text_encoders(self, folder, dtype):
-        super()._load_text_encoders(folder, dtype)
-        _, self.text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype)
+    def _load_text_encoders(self, folder, dtype, quantize=None, checkpoint=None):
+        super()._load_text_encoders(folder, dtype, quantize, checkpoint)
+        _, self.text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype, quantize, checkpoint)
 
     def parameters(self):
         return super().parameters() + [self.text_encoder_2.parameters()]
@@ -356,6 +453,27 @@ class StableDiffusionXL(StableDiffusion):
         batch = conditioning.embeds.shape[0]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
+
+
+def _noise_or(noise, shape, seeds, name, width, height):
+    """`noise` checked against `shape`, or standard normal noise drawn for each image from its seed."""
+    if noise is None:
+        return mx.concatenate([mx.random.normal((1, *shape[1:]), key=mx.random.key(s)) for s in seeds])
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} for {shape[0]} image(s) of {width}x{height}, "
+                         f"got {tuple(noise.shape)}")
+    return mx.array(noise, dtype=mx.float32)
+
+
+def _strength_timesteps(timesteps, steps, strength):
+    """The last int(steps * strength) timesteps (diffusers' get_timesteps); ValueError when none is left."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps "
+                         f"(steps * strength must be at least 1)")
+    return timesteps[steps - kept :]
 
 
 def chunk_texts(tokenizer, texts, truncate):

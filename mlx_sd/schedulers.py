@@ -434,11 +434,36 @@ SAMPLERS = {
 }
 
 
+# A1111's display names (written to PNG metadata, accepted as aliases) and a line on each sampler.
+DISPLAY_NAMES = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "ddim": "DDIM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+DESCRIPTIONS = {
+    "euler": "Euler (Karras et al. 2022, Algorithm 2 without churn); deterministic, good at 20-30 steps",
+    "euler_a": "Euler ancestral: adds fresh noise every step; varied results, the SDXL-Turbo default",
+    "ddim": "DDIM (Song et al. 2020), eta 0; deterministic, the SD 2.x default",
+    "dpmpp_2m": "DPM-Solver++ 2M (Lu et al. 2022), second-order multistep; sharp at 15-25 steps",
+    "dpmpp_2m_karras": "DPM-Solver++ 2M with Karras sigmas; A1111's favourite at 20 steps",
+}
+
+
+def resolve_sampler(name):
+    """Our sampler name for `name` or an A1111 display name ("Euler a", "DPM++ 2M Karras"), any case."""
+    key = str(name).strip().lower()
+    for ours, display in DISPLAY_NAMES.items():
+        if key in (ours, display.lower()):
+            return ours
+    choices = ", ".join(f"{ours} ({display})" for ours, display in DISPLAY_NAMES.items())
+    raise ValueError(f"unknown sampler {name!r}; choose one of: {choices}")
+
+
 def make_scheduler(name, config, **overrides):
-    """The sampler `name` built from a scheduler_config.json dict (of any scheduler class) and overrides."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    cls, options = SAMPLERS[name]
+    """The sampler `name` (or its A1111 display name) built from a scheduler_config.json dict and overrides."""
+    cls, options = SAMPLERS[resolve_sampler(name)]
     return cls.from_config(config, **{**options, **overrides})
 
 

@@ -45,6 +45,12 @@ class AutoencoderConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# Latent-space tile size and overlap of decode_tiled: 512-pixel tiles blended over 128 pixels, diffusers' defaults
+# for the SD / SDXL VAE (tile_sample_min_size 512, tile_overlap_factor 0.25).
+TILE_SIZE = 64
+TILE_OVERLAP = 16
+
+
 def group_norm(groups, channels):
     return nn.GroupNorm(groups, channels, eps=NORM_EPS, pytorch_compatible=True)
 
@@ -261,6 +267,60 @@ class AutoencoderKL(nn.Module):
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def decode_tiled(self, z, tile_size=TILE_SIZE, overlap=TILE_OVERLAP):
+        """`decode` in overlapping tiles of tile_size x tile_size latents, so that peak memory is that of one tile.
+
+        diffusers' AutoencoderKL.tiled_decode in NHWC, with tile_sample_min_size = tile_size * 8 and
+        tile_overlap_factor = overlap / tile_size: tiles start every tile_size - overlap latents and each is
+        faded linearly into the tiles above and to its left across the overlap. One difference: a last tile that
+        lies wholly inside the one before it is not decoded (diffusers decodes it alone and fades it over the
+        image's last rows or columns); the tile before it runs to the edge instead. Each tile's GroupNorm and
+        attention see only that tile, so the result differs slightly from `decode`.
+        """
+        if not 0 <= overlap < tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size={tile_size}), got {overlap}")
+        scale = 2 ** (len(self.config.block_out_channels) - 1)
+        keep, fade = (tile_size - overlap) * scale, overlap * scale  # in pixels
+        row_starts, col_starts = tile_starts(z.shape[1], tile_size, overlap), tile_starts(z.shape[2], tile_size, overlap)
+        rows, above = [], []
+        for i, y in enumerate(row_starts):
+            row = []
+            for j, x in enumerate(col_starts):
+                tile = self.decode(z[:, y : y + tile_size, x : x + tile_size])
+                if i > 0:
+                    tile = blend(above[j], tile, fade, axis=1)
+                if j > 0:
+                    tile = blend(row[-1], tile, fade, axis=2)
+                mx.eval(tile)
+                row.append(tile)
+            # each tile keeps its first `keep` pixels; the last in a row or column keeps everything
+            strip = mx.concatenate([t[:, :, :keep] for t in row[:-1]] + [row[-1]], axis=2)
+            rows.append(strip if i == len(row_starts) - 1 else strip[:, :keep])
+            mx.eval(rows[-1])
+            above = row
+        return mx.concatenate(rows, axis=1)
+
+
+def should_tile(latent_h, latent_w, tile_size=TILE_SIZE):
+    """Whether latents of this size need `decode_tiled`: either side larger than one tile (diffusers' rule)."""
+    return latent_h > tile_size or latent_w > tile_size
+
+
+def tile_starts(size, tile_size, overlap):
+    """Tile offsets every tile_size - overlap, less a last tile that lies wholly inside the one before it."""
+    return list(range(0, max(size - overlap, 1), tile_size - overlap))
+
+
+def blend(a, b, extent, axis):
+    """b with its first `extent` rows (axis 1) or columns (axis 2) faded in from a's last `extent`, weights
+    x / extent as diffusers' blend_v / blend_h."""
+    if extent == 0:
+        return b
+    a, b = a.swapaxes(1, axis), b.swapaxes(1, axis)
+    w = (mx.arange(extent) / extent).astype(b.dtype)[:, None, None]  # (extent, 1, 1)
+    faded = a[:, -extent:] * (1 - w) + b[:, :extent] * w
+    return mx.concatenate([faded, b[:, extent:]], axis=1).swapaxes(1, axis)
 
 
 def sanitize(weights):

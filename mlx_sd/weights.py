@@ -21,17 +21,25 @@ HUB_PATTERNS = [
     "*/model.safetensors",
     "*/model.safetensors.index.json",
     "*/model-*.safetensors",
+    "mlx_sd.json",
+    "*/mlx_model.safetensors",
 ]
+# Configs and tokenizer files only: what `mlx-sd convert --config` needs besides a single-file checkpoint's weights.
+CONFIG_PATTERNS = [p for p in HUB_PATTERNS if not p.endswith(".safetensors")]
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+MANIFEST = "mlx_sd.json"  # marks a folder written by `mlx-sd convert`
+MLX_WEIGHTS = "mlx_model.safetensors"  # a converted component's weights, already in MLX layout
+QUANTIZE_BITS = (4, 8)
+QUANTIZE_GROUP_SIZES = (32, 64, 128)
 
 
 class ModelLoadError(Exception):
     """A model could not be found or loaded; the message says what to do."""
 
 
-def resolve_model(name_or_path):
+def resolve_model(name_or_path, allow_patterns=HUB_PATTERNS):
     """Returns the local folder of a diffusers-format model: a local path, or a Hub repo id downloaded
-    through huggingface_hub into the user's cache (safetensors and configs only; HF_HUB_OFFLINE honoured)."""
+    through huggingface_hub into the user's cache (the files `allow_patterns` name; HF_HUB_OFFLINE honoured)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -40,7 +48,9 @@ def resolve_model(name_or_path):
             f"{name_or_path} is a pickle checkpoint; mlx_sd never unpickles files, use a .safetensors file"
         )
     if path.exists():
-        raise ModelLoadError(f"{name_or_path} is a file, not a model folder; pass a diffusers-format folder")
+        raise ModelLoadError(
+            f"{name_or_path} is not a model folder or a .safetensors checkpoint; pass a diffusers-format folder"
+        )
     if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
         raise ModelLoadError(
             f"model {name_or_path!r} not found: pass a local model folder or a Hugging Face repo id (owner/name)"
@@ -48,7 +58,7 @@ def resolve_model(name_or_path):
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(str(name_or_path), allow_patterns=allow_patterns))
     except Exception as e:  # network, auth, missing repo, offline cache miss
         offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -124,3 +134,46 @@ def load_strict(model: nn.Module, weights, component, dtype=None):
 def _sample(keys, n=5):
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def is_converted(folder):
+    """True for a folder written by `mlx-sd convert` (weights in MLX layout, possibly quantized)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_converted(folder):
+    """The weights of one component folder of a converted model, as saved (MLX layout, no sanitize)."""
+    path = Path(folder) / MLX_WEIGHTS
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}: the converted model folder is incomplete, convert it again")
+    return _load_file(path)
+
+
+def quantize_model(model: nn.Module, bits, group_size):
+    """Quantizes `model` in place; returns the `quantization` entry that its config.json records.
+
+    Quantized: Linear layers (attention and feed-forward projections, time embeddings, projections) and the
+    token embedding, wherever the input width is a multiple of `group_size`. Convolutions stay float (MLX
+    quantizes Linear and Embedding layers only), as do norms, biases and the position embedding."""
+    if bits not in QUANTIZE_BITS:
+        raise ValueError(f"quantization bits must be one of {QUANTIZE_BITS}, got {bits!r}")
+    if group_size not in QUANTIZE_GROUP_SIZES:
+        raise ValueError(f"quantization group size must be one of {QUANTIZE_GROUP_SIZES}, got {group_size!r}")
+
+    def quantizable(path, module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or path.endswith("position_embedding"):
+            return False
+        return module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size, bits, class_predicate=quantizable)
+    return {"group_size": group_size, "bits": bits}
+
+
+def rebuild_quantized(model: nn.Module, weights, quantization, component):
+    """Makes quantized layers of the modules that have `*.scales` in `weights`, as the `quantization` entry of
+    the component's config.json says, so that `load_strict` can then fill them."""
+    try:
+        group_size, bits = quantization["group_size"], quantization["bits"]
+        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: f"{path}.scales" in weights)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{component}: cannot rebuild its quantized layers from {quantization!r} ({e})") from None

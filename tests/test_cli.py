@@ -33,7 +33,7 @@ def test_generate_writes_the_api_image_with_parameters(model, tmp_path):
     assert np.array_equal(np.asarray(image), np.asarray(expected))
     assert image.text["parameters"] == (
         "a cat\nNegative prompt: dog\n"
-        f"Steps: 2, Sampler: euler, CFG scale: 0, Seed: 0, Size: 32x48, Model: {model}"
+        f"Steps: 2, Sampler: Euler, CFG scale: 0, Seed: 0, Size: 32x48, Model: {model}"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temporary file left behind
 
@@ -53,8 +53,9 @@ def test_generate_never_overwrites(model, tmp_path):
     (["-W", "30"], 2, "must be a positive multiple of 8"),
     (["--steps", "0"], 2, "must be at least 1"),
     (["--cfg", "-1"], 2, "must be at least 0"),
-    (["--sampler", "plms"], 2, "'plms' is not one of"),
+    (["--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of: euler (Euler), euler_a (Euler a)"),
     (["-o", "out.jpg"], 2, "output must be a .png file"),
+    (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
     (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
 ])
 def test_bad_arguments_are_usage_errors(model, tmp_path, args, code, message):
@@ -84,3 +85,95 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     result = run("generate", "a cat", "--model", ckpt, "-o", tmp_path / "x.png")
     assert result.exit_code == 1
     assert "never unpickles" in result.output
+
+
+def test_output_patterns_folders_and_overwrite(model, tmp_path):
+    args = ["generate", "a cat", "--model", model, "--seed", 10, "-W", 32, "-H", 32, "-n", 2, "--dtype", "float32"]
+    assert run(*args, "-o", tmp_path / "cat-{seed}-{index}.png").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-10-0.png", "cat-11-1.png"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert run(*args, "-o", folder).exit_code == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["10.png", "11.png"]
+    before = (folder / "10.png").read_bytes()
+    (folder / "10.png").write_bytes(b"old")
+    assert run(*args, "-o", folder, "--overwrite").exit_code == 0
+    assert (folder / "10.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["10.png", "11.png"]
+
+
+def test_batches_give_the_same_images_as_one_by_one(model, tmp_path):
+    common = ["generate", "a cat", "--model", model, "--seed", 5, "-W", 32, "-H", 32, "-n", 3, "--dtype", "float32",
+              "--sampler", "Euler a", "--steps", 2]
+    assert run(*common, "--batch-size", 3, "-o", tmp_path / "b-{index}.png").exit_code == 0
+    assert run(*common, "-o", tmp_path / "s-{index}.png").exit_code == 0
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"b-{i}.png")), np.asarray(Image.open(tmp_path / f"s-{i}.png")))
+    assert Image.open(tmp_path / "b-0.png").text["parameters"].count("Sampler: Euler a,") == 1
+
+
+def test_grid_is_one_contact_sheet(model, tmp_path):
+    result = run("generate", "a cat", "--model", model, "--seed", 1, "-W", 32, "-H", 32, "-n", 3, "--batch-size", 3,
+                 "--dtype", "float32", "--grid", "-o", tmp_path / "grid.png")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    assert Image.open(tmp_path / "grid.png").size == (64, 64)  # 2 x 2 cells of 32 x 32
+
+
+def test_from_png_reproduces_the_pixels(model, tmp_path):
+    first = tmp_path / "first.png"
+    result = run("generate", "a (red:1.2) cat", "--model", model, "--seed", 42, "-W", 40, "-H", 32, "--steps", 3,
+                 "--cfg", 2.5, "--sampler", "DPM++ 2M Karras", "--negative-prompt", "blurry, dog", "--clip-skip", 2,
+                 "--dtype", "float32", "-o", first)
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again.png"
+    result = run("generate", "--from-png", first, "--dtype", "float32", "-o", again)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(first).text == Image.open(again).text
+    # an option given on the command line overrides the PNG's value
+    other = tmp_path / "other.png"
+    assert run("generate", "--from-png", first, "--seed", 43, "--dtype", "float32", "-o", other).exit_code == 0
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(other)))
+    assert "Seed: 43" in Image.open(other).text["parameters"]
+
+
+def test_from_png_without_parameters_is_a_usage_error(tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    result = run("generate", "--from-png", plain)
+    assert result.exit_code == 2 and "has no generation parameters" in result.output
+
+
+def test_verbose_prints_timings_and_peak_memory(model, tmp_path):
+    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
+                 "--verbose", "-o", tmp_path / "v.png")
+    assert result.exit_code == 0
+    assert "text_encoder" in result.output and "denoise" in result.output and "peak memory" in result.output
+
+
+def test_preview_writes_a_preview_image(model, tmp_path):
+    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--steps", 2,
+                 "--dtype", "float32", "--preview", "-o", tmp_path / "p.png")
+    assert result.exit_code == 0
+    assert Image.open(tmp_path / "p.preview.png").size == (32, 32)
+
+
+def test_samplers_lists_every_sampler():
+    result = run("samplers")
+    assert result.exit_code == 0
+    for name in ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "DPM++ 2M Karras"):
+        assert name in result.output
+
+
+def test_info_describes_models_and_pngs(model, tmp_path):
+    result = run("info", model)
+    assert result.exit_code == 0
+    assert "StableDiffusionPipeline" in result.output and "unet:" in result.output and "F32" in result.output
+    png = tmp_path / "i.png"
+    run("generate", "a cat", "--model", model, "--seed", 9, "-W", 32, "-H", 32, "--dtype", "float32", "-o", png)
+    result = run("info", png)
+    assert result.exit_code == 0 and "Seed: 9" in result.output and "prompt: a cat" in result.output
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    result = run("info", text)
+    assert result.exit_code == 1 and "not a model folder" in result.output

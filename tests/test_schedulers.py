@@ -20,6 +20,7 @@ from mlx_sd.schedulers import (
     EulerDiscreteScheduler,
     default_sampler,
     make_scheduler,
+    resolve_sampler,
 )
 
 # diffusers' schedulers pass torch tensors to np.array(copy=False)
@@ -228,9 +229,17 @@ def test_euler_ancestral_draws_normal_noise_by_default():
 
 
 def test_make_scheduler_unknown_name():
-    names = "euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras"
+    names = r"euler \(Euler\), euler_a \(Euler a\), ddim \(DDIM\), dpmpp_2m \(DPM\+\+ 2M\), dpmpp_2m_karras \(DPM\+\+ 2M Karras\)"
     with pytest.raises(ValueError, match=f"unknown sampler 'x'; choose one of: {names}$"):
         make_scheduler("x", SD15_CONFIG)
+
+
+@pytest.mark.parametrize("alias,name", [("Euler a", "euler_a"), ("DPM++ 2M Karras", "dpmpp_2m_karras"),
+                                        ("dpm++ 2m", "dpmpp_2m"), ("DDIM", "ddim"), (" euler ", "euler")])
+def test_a1111_display_names_are_aliases(alias, name):
+    assert resolve_sampler(alias) == name
+    built, expected = make_scheduler(alias, SD15_CONFIG), make_scheduler(name, SD15_CONFIG)
+    assert type(built) is type(expected) and built.config == expected.config
 
 
 def test_unsupported_options_raise():
