@@ -107,6 +107,11 @@ def cli():
 @click.option("-n", "--num-images", type=int, default=1, callback=_at_least(1), show_default=True)
 @click.option("--batch-size", type=int, default=1, callback=_at_least(1), show_default=True, help="Images per batch.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float16", show_default=True)
+@click.option("-q", "--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoders and UNet while loading.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Image-to-image: start from this image.")
+@click.option("--strength", type=click.FloatRange(0, 1), help="Share of the schedule run on --image (default 0.8, 1.0 with --mask).")
+@click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
+@click.option("--mask-blur", type=float, default=0, callback=_at_least(0), help="Blur radius of the mask, in pixels.")
 @click.option("--clip-skip", type=int, callback=_at_least(1), help="CLIP layer to use, A1111 numbering (1 = last).")
 @click.option("--truncate", is_flag=True, help="Cut prompts at 75 tokens instead of encoding them in chunks.")
 @click.option("--low-memory", is_flag=True, help="Free the text encoders before the UNet runs.")
@@ -121,11 +126,14 @@ def cli():
 @click.option("--verbose", is_flag=True, help="Print timings per phase and peak memory.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance_scale, sampler, seed, num_images,
-             batch_size, dtype, clip_skip, truncate, low_memory, output, overwrite, grid, preview, from_png, quiet,
-             verbose):
+             batch_size, dtype, quantize, image, strength, mask, mask_blur, clip_skip, truncate, low_memory, output,
+             overwrite, grid, preview, from_png, quiet, verbose):
     """Generate images from PROMPT."""
     settings = dict(prompt=prompt, model=model, negative_prompt=negative_prompt, width=width, height=height,
-                    steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, clip_skip=clip_skip)
+                    steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, clip_skip=clip_skip,
+                    image=image, strength=strength, mask=mask, mask_blur=mask_blur)
+    if mask is not None and image is None:
+        raise click.UsageError("--mask needs --image (the image to inpaint)")
     if from_png:
         given = {k for k in settings if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
         given |= {"prompt"} if prompt is not None else set()
@@ -138,19 +146,20 @@ def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance
     progress = Progress(not quiet and sys.stderr.isatty(), num_images)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
-        _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, truncate, low_memory, grid, preview,
-                  progress, verbose)
+        _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, quantize, truncate, low_memory, grid,
+                  preview, progress, verbose)
 
 
-def _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, truncate, low_memory, grid, preview,
-              progress, verbose):
+def _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, quantize, truncate, low_memory, grid,
+              preview, progress, verbose):
     from .pipeline import GenerationCancelled, StableDiffusion
     from .png import save_png
     from .weights import ModelLoadError
 
     try:
         tic = time.perf_counter()
-        pipe = StableDiffusion.from_pretrained(settings["model"], dtype=dtype, low_memory=low_memory)
+        pipe = StableDiffusion.from_pretrained(settings["model"], dtype=dtype, low_memory=low_memory,
+                                               quantize=int(quantize) if quantize else None)
         load_time = time.perf_counter() - tic
         images = []
         for start in range(0, num_images, batch_size):
@@ -166,7 +175,8 @@ def _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, trunc
                 settings["prompt"], negative_prompt=settings["negative_prompt"], width=settings["width"],
                 height=settings["height"], steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                 sampler=settings["sampler"], seed=seed + start, num_images=count, clip_skip=settings["clip_skip"],
-                truncate_prompt=truncate, callback=on_step,
+                image=settings["image"], strength=settings["strength"], mask=settings["mask"],
+                mask_blur=settings["mask_blur"], truncate_prompt=truncate, callback=on_step,
             )
             for i, image in enumerate(batch):
                 images.append((image, {**batch.parameters, "seed": seed + start + i}))
@@ -212,6 +222,10 @@ def settings_from_png(path):
             settings["width"], settings["height"] = (int(v) for v in p["Size"].split("x"))
         if "Clip skip" in p:
             settings["clip_skip"] = int(p["Clip skip"])
+        if "Denoising strength" in p:
+            settings["strength"] = float(p["Denoising strength"])
+        if "Mask blur" in p:
+            settings["mask_blur"] = float(p["Mask blur"])
         if sampler:
             settings["sampler"] = resolve_sampler(sampler)
     except ValueError as e:

@@ -26,6 +26,10 @@ def a1111_parameters(p):
     ]
     if p.get("clip_skip"):
         settings.append(f"Clip skip: {p['clip_skip']}")
+    if p.get("strength") is not None:
+        settings.append(f"Denoising strength: {p['strength']:g}")
+    if p.get("mask_blur"):
+        settings.append(f"Mask blur: {p['mask_blur']:g}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

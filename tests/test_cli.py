@@ -177,3 +177,61 @@ def test_info_describes_models_and_pngs(model, tmp_path):
     text.write_text("hello")
     result = run("info", text)
     assert result.exit_code == 1 and "not a model folder" in result.output
+
+
+def test_image_to_image_and_inpainting_from_files(model, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((40, 48), np.uint8)
+    mask[8:24, 16:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    pipe = StableDiffusion.from_pretrained(model, dtype="float32")
+    for extra, kwargs in [([], {}), (["--mask", tmp_path / "mask.png", "--mask-blur", 1],
+                                     {"mask": tmp_path / "mask.png", "mask_blur": 1})]:
+        out = tmp_path / "out.png"
+        result = run("generate", "a cat", "--model", model, "--seed", 4, "--steps", 4, "--strength", 0.5, "--dtype",
+                     "float32", "--image", tmp_path / "in.png", *extra, "-o", out, "--overwrite")
+        assert result.exit_code == 0, result.output
+        expected = pipe.generate("a cat", seed=4, steps=4, strength=0.5, image=tmp_path / "in.png", **kwargs)[0]
+        assert expected.size == (48, 40)
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+        assert "Denoising strength: 0.5" in Image.open(out).text["parameters"]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--mask", "m.png"], 2, "--mask needs --image"),
+    (["--strength", "1.5", "--image", "x.png"], 2, "1.5 is not in the range 0<=x<=1"),
+])
+def test_image_usage_errors(model, args, code, message):
+    result = run("generate", "a cat", "--model", model, *args)
+    assert result.exit_code == code and message in result.output
+
+
+def test_unreadable_image_is_a_one_line_error(model, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    result = run("generate", "a cat", "--model", model, "--image", notes, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1 and "cannot read image" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_leaves_no_partial_file(model, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusion, "generate", interrupt)
+    result = run("generate", "a cat", "--model", model, "-o", tmp_path / "x.png")
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_flag_loads_a_quantized_model(model, tmp_path):
+    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
+                 "-q", 8, "-o", tmp_path / "q.png")
+    assert result.exit_code == 0, result.output
+    full = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
+               "-o", tmp_path / "f.png")
+    assert full.exit_code == 0
+    a = np.asarray(Image.open(tmp_path / "q.png"), np.float64)
+    b = np.asarray(Image.open(tmp_path / "f.png"), np.float64)
+    assert 0 < np.abs(a - b).mean() < 20  # quantized weights: close to, but not the same as, full precision
