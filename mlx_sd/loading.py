@@ -60,6 +60,14 @@ def single_file_components(checkpoint):
         raise ModelLoadError(str(e)) from None
 
 
+def _single_file_component(checkpoint, name, folder):
+    """One component's weights; the other components' (lazy, unread) arrays are dropped on return."""
+    components = single_file_components(checkpoint)[1]
+    if name not in components:
+        raise ModelLoadError(f"{checkpoint} has no {name} weights, which the config in {folder} asks for")
+    return components[name]
+
+
 def load_component(folder, name, dtype, quantize=None, checkpoint=None):
     """The model `folder/name` (text_encoder[_2], unet, vae) with its weights loaded strictly in `dtype`, and
     quantized to `quantize` bits (4 or 8) if asked. With `checkpoint` (a single file), `folder` gives only
@@ -68,18 +76,14 @@ def load_component(folder, name, dtype, quantize=None, checkpoint=None):
     config_cls, model_cls, sanitize = MODELS[name]
     model = model_cls(config_cls.from_dict(config))
     if checkpoint is not None:
-        components = single_file_components(checkpoint)[1]
-        if name not in components:
-            raise ModelLoadError(f"{checkpoint} has no {name} weights, which the config in {folder} asks for")
-        weights = sanitize(components[name])
+        weights = sanitize(_single_file_component(checkpoint, name, folder))
     elif is_converted(folder):
         weights = read_converted(Path(folder) / name)
-        if config.get("quantization"):
+        quantization = config.get("quantization")
+        if quantization:
             if quantize:
-                raise ModelLoadError(
-                    f"{folder} is already quantized ({config['quantization'].get('bits')}-bit); load it without quantize"
-                )
-            rebuild_quantized(model, weights, config["quantization"], name)
+                raise ModelLoadError(f"{folder} is already quantized ({quantization.get('bits')}-bit); load it without quantize")
+            rebuild_quantized(model, weights, quantization, name)
     else:
         weights = sanitize(read_safetensors(Path(folder) / name))
     load_strict(model, weights, name, dtype)

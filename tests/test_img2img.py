@@ -37,10 +37,13 @@ def _test_image(width=67, height=45, seed=0):
 
 
 def _test_mask(width=67, height=45):
-    """White (repaint) ellipse with a soft edge on black, the size of _test_image."""
+    """White (repaint) on black, the size of _test_image: an ellipse with a soft edge, and thin stripes (3 px of
+    every 7) on the left that a mask blur of 2 px or more dissolves below the 0.5 threshold."""
     ys, xs = np.mgrid[0:height, 0:width]
-    ellipse = ((xs - width * 0.55) / (width * 0.3)) ** 2 + ((ys - height * 0.45) / (height * 0.3)) ** 2
-    return Image.fromarray(np.clip((1.2 - ellipse) * 400, 0, 255).astype(np.uint8), "L")
+    ellipse = ((xs - width * 0.6) / (width * 0.25)) ** 2 + ((ys - height * 0.45) / (height * 0.3)) ** 2
+    mask = np.clip((1.2 - ellipse) * 400, 0, 255)
+    mask[(xs < width * 0.3) & (xs % 7 < 3) & (ys > 4) & (ys < height - 5)] = 255
+    return Image.fromarray(mask.astype(np.uint8), "L")
 
 
 def _inpainting_unet(unet, seed=1):
@@ -147,6 +150,10 @@ def run_both(monkeypatch, pipelines, family, sampler, steps, strength, guidance_
     if task == "Inpaint":
         diffusers_mask = reference.mask_processor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
         kwargs.update(mask_image=diffusers_mask, width=width, height=height)
+        if mask_blur:  # the blur must reach the latent-resolution mask, or the case tests nothing about it
+            sharp, blurred = (reference.mask_processor.preprocess(m, height=height, width=width)[..., ::8, ::8]
+                              for m in (mask, diffusers_mask))
+            assert not torch.equal(sharp, blurred)
     with _injected(monkeypatch, reference, to_torch(noise), to_torch(image_noise)[:1]) as draws, torch.no_grad():
         expected = reference(PROMPT, image=image, **kwargs).images
     assert draws["noise"] == 1 and draws["posterior"] >= 1
