@@ -270,6 +270,15 @@ def info(path):
         raise click.ClickException(str(e)) from None
 
 
+def _add_convert():
+    from .convert import convert_command
+
+    cli.add_command(convert_command, "convert")
+
+
+_add_convert()
+
+
 def main():
     cli(prog_name="mlx-sd")
 

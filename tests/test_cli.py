@@ -235,3 +235,20 @@ def test_quantize_flag_loads_a_quantized_model(model, tmp_path):
     a = np.asarray(Image.open(tmp_path / "q.png"), np.float64)
     b = np.asarray(Image.open(tmp_path / "f.png"), np.float64)
     assert 0 < np.abs(a - b).mean() < 20  # quantized weights: close to, but not the same as, full precision
+
+
+def test_convert_then_generate_from_the_converted_folder(model, tmp_path):
+    converted = tmp_path / "turbo-mlx"
+    result = run("convert", model, converted, "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert f"{converted}: sd2 (float32)" in result.output
+    images = {}
+    for name, folder in (("original", model), ("converted", converted)):
+        out = tmp_path / f"{name}.png"
+        result = run("generate", "a cat", "--model", folder, "--seed", 3, "-W", 32, "-H", 32, "--steps", 2,
+                     "--dtype", "float32", "-o", out)
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(out))
+    assert np.array_equal(images["original"], images["converted"])
+    result = run("info", converted)
+    assert result.exit_code == 0 and "float32" in result.output
