@@ -114,7 +114,10 @@ def cli():
 @click.option("--mask-blur", type=float, default=0, callback=_at_least(0), help="Blur radius of the mask, in pixels.")
 @click.option("--clip-skip", type=int, callback=_at_least(1), help="CLIP layer to use, A1111 numbering (1 = last).")
 @click.option("--truncate", is_flag=True, help="Cut prompts at 75 tokens instead of encoding them in chunks.")
-@click.option("--low-memory", is_flag=True, help="Free the text encoders before the UNet runs.")
+@click.option("--low-memory", is_flag=True,
+              help="Free the text encoders before the UNet runs; decode images over 512x512 in tiles.")
+@click.option("--tiled-decode/--no-tiled-decode", default=None,
+              help="Decode images over 512x512 in blended tiles (less memory; default: with --low-memory).")
 @click.option("-o", "--output", default="out.png", show_default=True,
               help="Output .png, folder, or pattern with {seed} and {index}.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of numbering new names.")
@@ -126,8 +129,8 @@ def cli():
 @click.option("--verbose", is_flag=True, help="Print timings per phase and peak memory.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance_scale, sampler, seed, num_images,
-             batch_size, dtype, quantize, image, strength, mask, mask_blur, clip_skip, truncate, low_memory, output,
-             overwrite, grid, preview, from_png, quiet, verbose):
+             batch_size, dtype, quantize, image, strength, mask, mask_blur, clip_skip, truncate, low_memory, tiled_decode,
+             output, overwrite, grid, preview, from_png, quiet, verbose):
     """Generate images from PROMPT."""
     settings = dict(prompt=prompt, model=model, negative_prompt=negative_prompt, width=width, height=height,
                     steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, clip_skip=clip_skip,
@@ -146,12 +149,13 @@ def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance
     progress = Progress(not quiet and sys.stderr.isatty(), num_images)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
-        _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, quantize, truncate, low_memory, grid,
-                  preview, progress, verbose)
+        options = dict(num_images=num_images, batch_size=batch_size, dtype=dtype, quantize=quantize, truncate=truncate,
+                       low_memory=low_memory, tiled_decode=tiled_decode, grid=grid, preview=preview, verbose=verbose)
+        _generate(settings, seed, seeds, paths, progress, **options)
 
 
-def _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, quantize, truncate, low_memory, grid,
-              preview, progress, verbose):
+def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dtype, quantize, truncate, low_memory,
+              tiled_decode, grid, preview, verbose):
     from .pipeline import GenerationCancelled, StableDiffusion
     from .png import save_png
     from .weights import ModelLoadError
@@ -176,7 +180,8 @@ def _generate(settings, seed, seeds, paths, num_images, batch_size, dtype, quant
                 height=settings["height"], steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                 sampler=settings["sampler"], seed=seed + start, num_images=count, clip_skip=settings["clip_skip"],
                 image=settings["image"], strength=settings["strength"], mask=settings["mask"],
-                mask_blur=settings["mask_blur"], truncate_prompt=truncate, callback=on_step,
+                mask_blur=settings["mask_blur"], truncate_prompt=truncate, tiled_decode=tiled_decode,
+                callback=on_step,
             )
             for i, image in enumerate(batch):
                 images.append((image, {**batch.parameters, "seed": seed + start + i}))

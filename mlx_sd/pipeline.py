@@ -12,6 +12,7 @@ from .images import check_image_and_mask, default_size, load_image, preprocess_i
 from .loading import load_denoiser, load_text_encoder, open_model
 from .prompts import apply_weights, chunk_prompt, pad_chunks
 from .schedulers import default_sampler, make_scheduler, resolve_sampler
+from .vae import should_tile
 from .weights import ModelLoadError, read_json
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -90,6 +91,7 @@ class StableDiffusion:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.defaults = _defaults(unet.config, scheduler_config, self.vae_scale_factor)
         self.reload_text_encoders = None  # set by from_pretrained(low_memory=True)
+        self.low_memory = False
 
     def __enter__(self):
         return self
@@ -127,7 +129,8 @@ class StableDiffusion:
         quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
 
         low_memory=True frees the text encoders once the prompts are encoded (they are read again from
-        the model folder for the next prompt), so that they and the UNet are never in memory together.
+        the model folder for the next prompt), so that they and the UNet are never in memory together, and
+        decodes images larger than 512 x 512 in tiles (see `decode`).
         """
         dtype = _dtype(dtype)
         folder, checkpoint = open_model(name_or_path)
@@ -140,6 +143,7 @@ class StableDiffusion:
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(pipeline_cls)}"
             )
         model = pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
+        model.low_memory = bool(low_memory)
         if low_memory:
             model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype, quantize, checkpoint)
         return model
@@ -219,12 +223,24 @@ class StableDiffusion:
             raise ValueError("original_size, crops_coords_top_left and target_size apply to SDXL models only")
         return conditioning
 
-    def decode(self, latents):
-        """Latents (B, h, w, 4) -> images (B, 8h, 8w, 3) as float32 in [0, 1]."""
+    def decode(self, latents, tiled=False):
+        """Latents (B, h, w, 4) -> images (B, 8h, 8w, 3) as float32 in [0, 1].
+
+        tiled=True decodes latents larger than one VAE tile (64 x 64 latents: 512 x 512 pixels) tile by tile
+        and image by image (`AutoencoderKL.decode_tiled`: seams blended over 128 pixels), so that the decoder's
+        memory is that of one 512 x 512 tile; the result differs slightly from untiled decoding."""
         z = latents / self.vae.config.scaling_factor
         if self.vae.config.shift_factor is not None:
             z = z + self.vae.config.shift_factor
-        image = self.vae.decode(z.astype(self.vae.decoder.conv_in.weight.dtype)).astype(mx.float32)
+        z = z.astype(self.vae.decoder.conv_in.weight.dtype)
+        if tiled and should_tile(z.shape[1], z.shape[2]):
+            images = []
+            for i in range(z.shape[0]):
+                images.append(self.vae.decode_tiled(z[i : i + 1]).astype(mx.float32))
+                mx.eval(images[-1])
+            image = mx.concatenate(images)
+        else:
+            image = self.vae.decode(z).astype(mx.float32)
         return mx.clip(image / 2 + 0.5, 0, 1)
 
     # --- the API --------------------------------------------------------------------------------
@@ -251,6 +267,7 @@ class StableDiffusion:
         crops_coords_top_left=(0, 0),
         target_size=None,
         truncate_prompt=False,
+        tiled_decode=None,
         callback=None,
         cancel=None,
     ):
@@ -267,6 +284,8 @@ class StableDiffusion:
         SDXL only: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs) set the
         size conditioning; they default to the output size and (0, 0).
         `truncate_prompt=True` cuts prompts at 75 tokens instead of encoding them in chunks.
+        `tiled_decode`: decode images larger than 512 x 512 in blended tiles (see `decode`); the default, None,
+        tiles when the pipeline was loaded with low_memory=True.
         `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
         threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
@@ -336,7 +355,7 @@ class StableDiffusion:
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        images = to_pil(self.decode(x))
+        images = to_pil(self.decode(x, self.low_memory if tiled_decode is None else tiled_decode))
         timings["vae"] = time.perf_counter() - tic
         parameters = dict(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,

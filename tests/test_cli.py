@@ -252,3 +252,15 @@ def test_convert_then_generate_from_the_converted_folder(model, tmp_path):
     assert np.array_equal(images["original"], images["converted"])
     result = run("info", converted)
     assert result.exit_code == 0 and "float32" in result.output
+
+
+def test_tiled_decode_flag(model, tmp_path):
+    out = tmp_path / "wide.png"
+    result = run("generate", "a wide harbour", "--model", model, "--seed", 1, "-W", 576, "-H", 32, "--steps", 1,
+                 "--dtype", "float32", "--tiled-decode", "-o", out)
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusion.from_pretrained(model, dtype="float32")
+    kwargs = dict(width=576, height=32, steps=1, seed=1)
+    tiled, untiled = (pipe.generate("a wide harbour", tiled_decode=t, **kwargs)[0] for t in (True, False))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(tiled))
+    assert not np.array_equal(np.asarray(tiled), np.asarray(untiled))
