@@ -201,6 +201,12 @@ def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dt
         raise click.ClickException(str(e)) from None
 
 
+# A1111 parameter name -> generate setting, type
+PNG_SETTINGS = [("Steps", "steps", int), ("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
+                ("Clip skip", "clip_skip", int), ("Denoising strength", "strength", float),
+                ("Mask blur", "mask_blur", float)]
+
+
 def settings_from_png(path):
     """generate()'s settings from the A1111 `parameters` text of a PNG."""
     from PIL import Image
@@ -217,20 +223,11 @@ def settings_from_png(path):
         sampler += " Karras"  # A1111 1.9+ writes the schedule separately
     settings = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"]}
     try:
-        if "Steps" in p:
-            settings["steps"] = int(p["Steps"])
-        if "CFG scale" in p:
-            settings["guidance_scale"] = float(p["CFG scale"])
-        if "Seed" in p:
-            settings["seed"] = int(p["Seed"])
+        for key, setting, cast in PNG_SETTINGS:
+            if key in p:
+                settings[setting] = cast(p[key])
         if "Size" in p:
             settings["width"], settings["height"] = (int(v) for v in p["Size"].split("x"))
-        if "Clip skip" in p:
-            settings["clip_skip"] = int(p["Clip skip"])
-        if "Denoising strength" in p:
-            settings["strength"] = float(p["Denoising strength"])
-        if "Mask blur" in p:
-            settings["mask_blur"] = float(p["Mask blur"])
         if sampler:
             settings["sampler"] = resolve_sampler(sampler)
     except ValueError as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SDXL, real_config, to_np
-from diffusers import AutoencoderKL as TorchAutoencoderKL
+from test_vae import random_reference as random_vae
 
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL, sanitize, should_tile, tile_starts
 from mlx_sd.weights import load_strict, read_json, read_safetensors
@@ -22,13 +22,7 @@ PARITY_TOL = {"atol": 1e-4, "rtol": 1e-4}
 def random_reference(**overrides):
     """A diffusers AutoencoderKL of the SDXL config (with overrides), default init plus random GroupNorm affine."""
     config = {k: v for k, v in real_config(SDXL, "vae").items() if not k.startswith("_")}
-    model = TorchAutoencoderKL(**{**config, **overrides}).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-    return model
+    return random_vae({**config, **overrides})
 
 
 def load_ours(reference, folder):
