@@ -124,6 +124,18 @@ def unet_step(unet, latent_size, dtype):
     return noise
 
 
+def unet_phases(args, dtype, latent_size, results):
+    """Builds the UNet and runs one step; the UNet is freed on return."""
+    unet = run_phase("unet build", lambda: build_unet(dtype, args.quantize), results)
+    parameters = sum(v.size for _, v in tree_flatten(unet.parameters()))
+    print(f"  UNet: {parameters / 1e9:.2f} B stored values, {mx.get_active_memory() / GiB:.2f} GiB", flush=True)
+    if not args.no_step:
+        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype), results)
+        print(f"  UNet output finite: {bool(mx.isfinite(noise).all())}", flush=True)
+        del noise
+    del unet
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
@@ -132,6 +144,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels, a multiple of 8 (default 1024)")
     parser.add_argument("--no-step", action="store_true", help="build the UNet (its weights' memory) but skip the step")
     parser.add_argument("--no-vae", action="store_true", help="skip the VAE decodes")
+    parser.add_argument("--no-unet", action="store_true", help="skip the UNet: the VAE decodes only")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     latent_size = args.size // 8
@@ -143,14 +156,8 @@ def main():
 
     results = []
     mx.random.seed(0)
-    unet = run_phase("unet build", lambda: build_unet(dtype, args.quantize), results)
-    parameters = sum(v.size for _, v in tree_flatten(unet.parameters()))
-    print(f"  UNet: {parameters / 1e9:.2f} B stored values, {mx.get_active_memory() / GiB:.2f} GiB", flush=True)
-    if not args.no_step:
-        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype), results)
-        print(f"  UNet output finite: {bool(mx.isfinite(noise).all())}", flush=True)
-        del noise
-    del unet
+    if not args.no_unet:
+        unet_phases(args, dtype, latent_size, results)
     if args.no_vae:
         return
 

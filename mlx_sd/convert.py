@@ -28,13 +28,14 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiff
 
 
 def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64, quantize_vae=False,
-            prediction_type=None, config=None, force=False):
+            quantize_convolutions=False, prediction_type=None, config=None, force=False):
     """Converts `source` into the MLX model folder `output_dir`; returns its path.
 
     source: Hub repo id, diffusers (or converted) folder, or single-file `.safetensors` checkpoint (SD 1.x, 2.x,
     XL in the original LDM layout; its configs come from `config`, a diffusers folder or repo id, else from the
     bundled ones of its family, which for SD 2.x need `prediction_type`). quantize: None, 4 or 8 bits for the
-    text encoders and the UNet (and the VAE with quantize_vae), in groups of `q_group_size`.
+    text encoders and the UNet (and the VAE with quantize_vae), in groups of `q_group_size`: their Linear layers,
+    and with quantize_convolutions the UNet's convolutions too (but conv_in and conv_out).
 
     One component is converted at a time. Everything is written to a temporary folder next to `output_dir`
     and renamed at the end: a failed or interrupted conversion leaves nothing behind. An existing
@@ -46,8 +47,8 @@ def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64,
         raise ValueError(f"quantize must be one of {QUANTIZE_BITS} (bits), got {quantize!r}")
     if q_group_size not in QUANTIZE_GROUP_SIZES:
         raise ValueError(f"the quantization group size must be one of {QUANTIZE_GROUP_SIZES}, got {q_group_size!r}")
-    if quantize_vae and quantize is None:
-        raise ValueError("quantize_vae needs quantize (4 or 8 bits)")
+    if (quantize_vae or quantize_convolutions) and quantize is None:
+        raise ValueError("quantize_vae and quantize_convolutions need quantize (4 or 8 bits)")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}")
     output = Path(output_dir).expanduser()
@@ -67,13 +68,14 @@ def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64,
     try:
         for name in components:
             _convert_component(folder, name, work, DTYPES[dtype], quantize if name in quantized else None,
-                               q_group_size, checkpoint)
+                               q_group_size, checkpoint, quantize_convolutions and name == "unet")
         _copy_configs(folder, work, index, prediction_type)
         scheduler = read_json(work / "scheduler" / "scheduler_config.json")
         manifest = {
             "format": "mlx_sd", "format_version": 1, "mlx_sd_version": __version__, "source": str(source),
             "family": family, "dtype": dtype, "prediction_type": scheduler.get("prediction_type", "epsilon"),
-            "quantization": quantize and {"bits": quantize, "group_size": q_group_size, "components": quantized},
+            "quantization": quantize and {"bits": quantize, "group_size": q_group_size, "components": quantized,
+                                          "convolutions": quantize_convolutions},
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(work, output)
@@ -119,7 +121,7 @@ def _family(folder):
     return "sd1" if read_json(folder / "text_encoder" / "config.json").get("hidden_act") == "quick_gelu" else "sd2"
 
 
-def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint):
+def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False):
     """Loads one component strictly, quantizes it if asked, and saves it in MLX layout; then it is freed."""
     try:
         model = load_component(folder, name, dtype, checkpoint=checkpoint)
@@ -130,7 +132,7 @@ def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint):
                              "diffusers configs)") from None
     config = read_json(folder / name / "config.json")
     if bits:
-        config["quantization"] = quantize_model(model, bits, group_size)
+        config["quantization"] = quantize_model(model, bits, group_size, convolutions)
         mx.eval(model.parameters())
     (work / name).mkdir()
     mx.save_safetensors(str(work / name / MLX_WEIGHTS), dict(tree_flatten(model.parameters())),
@@ -184,21 +186,24 @@ def _folder_size(folder):
 @click.option("--q-bits", type=click.Choice(["4", "8"]), help="Bits per quantized weight (default 8).")
 @click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), help="Quantization group size (default 64).")
 @click.option("--quantize-vae", is_flag=True, help="Quantize the VAE's Linear layers too (its attention only).")
+@click.option("--q-convs", is_flag=True,
+              help="Quantize the UNet's convolutions too (not conv_in/conv_out): smaller SD 1.x/2.x UNets.")
 @click.option("--prediction-type", type=click.Choice(list(PREDICTION_TYPES)),
               help="What the model predicts; needed for SD 2.x single files (epsilon: 2.x base, v_prediction: 768).")
 @click.option("--config", help="Diffusers folder or Hub repo id whose configs fit a single-file checkpoint.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
-def convert_command(source, output_dir, dtype, quantize, q_bits, q_group_size, quantize_vae, prediction_type, config,
-                    force):
+def convert_command(source, output_dir, dtype, quantize, q_bits, q_group_size, quantize_vae, q_convs, prediction_type,
+                    config, force):
     """Convert SOURCE (Hub repo id, diffusers folder or single-file .safetensors) into the MLX model OUTPUT_DIR."""
-    if (q_bits or q_group_size or quantize_vae) and not quantize:
-        raise click.UsageError("--q-bits, --q-group-size and --quantize-vae need -q/--quantize")
+    if (q_bits or q_group_size or quantize_vae or q_convs) and not quantize:
+        raise click.UsageError("--q-bits, --q-group-size, --quantize-vae and --q-convs need -q/--quantize")
     bits = int(q_bits or 8) if quantize else None
     try:
         output = convert(source, output_dir, dtype=dtype, quantize=bits, q_group_size=int(q_group_size or 64),
-                         quantize_vae=quantize_vae, prediction_type=prediction_type, config=config, force=force)
+                         quantize_vae=quantize_vae, quantize_convolutions=q_convs, prediction_type=prediction_type, config=config, force=force)
     except (ModelLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     manifest = read_json(output / MANIFEST)
     kind = f"{bits}-bit, group size {manifest['quantization']['group_size']}" if bits else dtype
+    kind += ", convolutions quantized" if q_convs else ""
     click.echo(f"{output}: {manifest['family']} ({kind}), {_folder_size(output)}")

@@ -78,6 +78,7 @@ def _describe_folder(path):
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         quantized = config.get("quantization")
         q = f", quantized {quantized['bits']}-bit (group {quantized['group_size']})" if quantized else ""
+        q += " with convolutions" if quantized and quantized.get("convolutions") else ""
         lines.append(f"  {component.name}: {_count(tensors)} parameters, {_dtypes(tensors)}{q}, "
                      f"{_size(*files)}")
     return lines

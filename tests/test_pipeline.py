@@ -62,6 +62,7 @@ def assert_images_close(ours, expected):
     # The comparison means something only if the reference image is not flat or saturated.
     assert expected.std() > 10 and ((expected > 0) & (expected < 255)).mean() > 0.5
     diff = np.abs(ours - expected)
+    print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
     assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
 
