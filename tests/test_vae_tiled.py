@@ -127,7 +127,7 @@ def test_bad_overlap(tiny):
 def test_fullsize_tiled(tmp_path):
     """The real SDXL VAE config (random weights) at the default 64-latent tiles with a 16-latent overlap on
     72 x 66 latents (2 x 2 tiles, the last ones partial): against diffusers' tiled_decode, and against untiled.
-    Bound for tiled vs untiled (measured at 88 x 72: mean 0.008, p99 0.05, max 0.2, signal std 0.17):
+    Bound for tiled vs untiled (measured: mean 0.0084, p99 0.062, max 0.24, signal std 0.198):
     mean < 0.02 and < 0.1 signal std, p99 < 0.1 in [0, 1] units."""
     torch.manual_seed(0)
     reference = random_reference()
@@ -145,10 +145,14 @@ def test_fullsize_tiled(tmp_path):
     tiled_s = time.perf_counter() - start
     untiled = to_np(ours.decode(z))
     untiled_s = time.perf_counter() - start - tiled_s
-    parity = float(np.abs(tiled - ref).max())
+    parity, parity_mean = float(np.abs(tiled - ref).max()), float(np.abs(tiled - ref).mean())
     stats = tiled_vs_untiled(tiled, untiled)
-    print(f"\nsdxl vae tiled: max abs diff vs diffusers {parity:.2e} (ref max abs {np.abs(ref).max():.2f}); "
+    print(f"\nsdxl vae tiled: max abs diff vs diffusers {parity:.2e}, mean {parity_mean:.1e} (ref max abs {np.abs(ref).max():.2f}); "
           f"tiled vs untiled {stats}; torch tiled {torch_s:.1f} s, mlx tiled {tiled_s:.1f} s, untiled {untiled_s:.1f} s")
-    # 24 resnets deep in float32: summation-order noise relative to the output scale, as in test_vae
-    assert parity <= 1e-4 * max(float(np.abs(ref).max()), 1.0)
+    # 24 resnets deep in float32, GroupNorm reducing over up to 512 x 512 pixels per tile: summation-order noise
+    # that grows with the tile's size. Untiled decoding of these latents differs from diffusers' untiled decode by
+    # as much (measured: max 1.7e-3, mean 2.0e-4 on outputs up to 4.1); tiled, max 1.4e-3. A wrong tile offset or
+    # blend weight gives errors of 0.1 or more.
+    scale = max(float(np.abs(ref).max()), 1.0)
+    assert parity <= 1e-3 * scale and parity_mean <= 1e-4 * scale, (parity, parity_mean)
     assert stats["mean"] < 0.02 and stats["mean"] < 0.1 * stats["signal_std"] and stats["p99"] < 0.1
