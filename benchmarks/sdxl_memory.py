@@ -7,7 +7,7 @@
 The SDXL base UNet and VAE are built from the real configs (tests/configs) with random N(0, 0.02) weights
 made directly in MLX in the target dtype: no checkpoint and no torch. Phases, in order:
   unet build     the UNet's weights (quantized with --quantize: Linear layers, group size 64, as `mlx-sd convert`)
-  unet step      one CFG step: batch 2 of size/8 x size/8 latents, 77 x 2048 context, pooled 1280 and time ids
+  unet step      one CFG step: batch 2 (--batch) of size/8 x size/8 latents, 77 x 2048 context, pooled and time ids
   vae tiled      decode_tiled of one size/8 x size/8 latent (64-latent tiles, 16 overlap); skipped with --no-tiled
   vae untiled    decode of the same latent
 The UNet is freed before the VAE is built. As in the pipeline, a float16 VAE runs in float32 (force_upcast).
@@ -110,14 +110,14 @@ def build_unet(dtype, bits):
     return unet
 
 
-def unet_step(unet, latent_size, dtype):
-    """One classifier-free-guidance UNet call (batch 2) at 1024x1024 conditioning."""
+def unet_step(unet, latent_size, dtype, batch=2):
+    """One UNet call: batch 2 is a classifier-free-guidance step, batch 1 one half of it (low_memory mode)."""
     mx.random.seed(1)
-    sample = mx.random.normal((2, latent_size, latent_size, 4), dtype=dtype)
-    context = mx.random.normal((2, 77, 2048), dtype=dtype)
-    pooled = mx.random.normal((2, 1280), dtype=dtype)
+    sample = mx.random.normal((batch, latent_size, latent_size, 4), dtype=dtype)
+    context = mx.random.normal((batch, 77, 2048), dtype=dtype)
+    pooled = mx.random.normal((batch, 1280), dtype=dtype)
     size = latent_size * 8
-    time_ids = mx.array([[size, size, 0, 0, size, size]] * 2, dtype=dtype)
+    time_ids = mx.array([[size, size, 0, 0, size, size]] * batch, dtype=dtype)
     mx.eval(sample, context, pooled, time_ids)
     noise = unet(sample, 999, context, text_embeds=pooled, time_ids=time_ids)
     mx.eval(noise)
@@ -130,7 +130,7 @@ def unet_phases(args, dtype, latent_size, results):
     parameters = sum(v.size for _, v in tree_flatten(unet.parameters()))
     print(f"  UNet: {parameters / 1e9:.2f} B stored values, {mx.get_active_memory() / GiB:.2f} GiB", flush=True)
     if not args.no_step:
-        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype), results)
+        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype, args.batch), results)
         print(f"  UNet output finite: {bool(mx.isfinite(noise).all())}", flush=True)
         del noise
     del unet
@@ -145,6 +145,7 @@ def main():
     parser.add_argument("--no-step", action="store_true", help="build the UNet (its weights' memory) but skip the step")
     parser.add_argument("--no-vae", action="store_true", help="skip the VAE decodes")
     parser.add_argument("--no-unet", action="store_true", help="skip the UNet: the VAE decodes only")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = a guided step, 1 = a low_memory half")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     latent_size = args.size // 8

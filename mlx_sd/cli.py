@@ -115,7 +115,7 @@ def cli():
 @click.option("--clip-skip", type=int, callback=_at_least(1), help="CLIP layer to use, A1111 numbering (1 = last).")
 @click.option("--truncate", is_flag=True, help="Cut prompts at 75 tokens instead of encoding them in chunks.")
 @click.option("--low-memory", is_flag=True,
-              help="Free the text encoders before the UNet runs; decode images over 512x512 in tiles.")
+              help="Free the text encoders before the UNet runs, run guidance as two UNet calls, decode in tiles.")
 @click.option("--tiled-decode/--no-tiled-decode", default=None,
               help="Decode images over 512x512 in blended tiles (less memory; default: with --low-memory).")
 @click.option("-o", "--output", default="out.png", show_default=True,

@@ -129,8 +129,9 @@ class StableDiffusion:
         quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
 
         low_memory=True frees the text encoders once the prompts are encoded (they are read again from
-        the model folder for the next prompt), so that they and the UNet are never in memory together, and
-        decodes images larger than 512 x 512 in tiles (see `decode`).
+        the model folder for the next prompt), so that they and the UNet are never in memory together, runs
+        the guidance's negative and positive halves as separate UNet calls (half the activations), and decodes
+        images larger than 512 x 512 in tiles (see `decode`).
         """
         dtype = _dtype(dtype)
         folder, checkpoint = open_model(name_or_path)
@@ -200,7 +201,7 @@ class StableDiffusion:
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            eps = self.unet(x.astype(self.dtype), t, conditioning.embeds, **conditioning.extra).astype(mx.float32)
+            eps = self.predict_noise(x.astype(self.dtype), t, conditioning).astype(mx.float32)
             if conditioning.guidance:
                 eps_uncond, eps_text = mx.split(eps, 2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -216,6 +217,19 @@ class StableDiffusion:
                 latents = (1 - inpaint.mask) * known + inpaint.mask * latents
             mx.eval(latents)
             yield latents
+
+    def predict_noise(self, x, t, conditioning):
+        """The UNet's output for x; with guidance in low_memory mode, the negative and positive halves of the
+        batch run as two evaluated calls, so that the UNet's activations are those of half the batch."""
+        if not (self.low_memory and conditioning.guidance):
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra)
+        n = x.shape[0] // 2
+        halves = []
+        for part in (slice(0, n), slice(n, 2 * n)):
+            extra = {k: v[part] for k, v in conditioning.extra.items()}
+            halves.append(self.unet(x[part], t, conditioning.embeds[part], **extra))
+            mx.eval(halves[-1])
+        return mx.concatenate(halves)
 
     def add_size_conditioning(self, conditioning, size, original_size, crops_coords_top_left, target_size):
         """SD 1.x / 2.x have no size conditioning (see StableDiffusionXL)."""

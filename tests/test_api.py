@@ -151,3 +151,19 @@ def test_tiled_decode_decodes_each_image_in_blended_tiles(sd1):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(lean.generate("a wide harbour", tiled_decode=False, **kwargs), untiled):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_low_memory_splits_guidance_into_two_unet_calls(tmp_path):
+    """low_memory runs the negative and positive halves as separate UNet calls (SDXL: with their pooled
+    embeddings and time ids) and gives the same image."""
+    make_pipeline("sdxl", tmp_path)
+    kwargs = dict(negative_prompt="blurry", width=48, height=40, steps=2, guidance_scale=5.0, seed=3, num_images=2)
+    expected = StableDiffusion.from_pretrained(tmp_path, dtype="float32").generate("a cat", **kwargs)
+    lean = StableDiffusion.from_pretrained(tmp_path, dtype="float32", low_memory=True)
+    batches = []
+    unet = lean.unet
+    lean.unet = lambda x, *args, **extra: batches.append(x.shape[0]) or unet(x, *args, **extra)
+    images = lean.generate("a cat", **kwargs)
+    assert batches == [2] * 4  # 2 steps x (negative, positive), each of the 2 images
+    for a, b in zip(images, expected):
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() <= 1
