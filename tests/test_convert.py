@@ -9,6 +9,7 @@ model measured on these random weights with margin (see test_quantized_models_lo
 import gc
 import json
 import pickle
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +26,7 @@ from mlx_sd import ModelLoadError, StableDiffusion
 from mlx_sd import convert as convert_module
 from mlx_sd import loading
 from mlx_sd.convert import convert, convert_command
+from mlx_sd.info import describe
 from mlx_sd.weights import quantize_model
 
 LDM_FAMILY = {"sd1": "sd1", "sd2v": "sd2", "sdxl": "sdxl"}
@@ -402,8 +404,14 @@ def test_cli(tiny, tmp_path):
     result = runner.invoke(convert_command, [str(folder), str(tmp_path / "q")])
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith("Error: ") and "already exists; pass --force" in result.output
-    result = runner.invoke(convert_command, [str(folder), str(tmp_path / "r"), "--q-bits", "4"])
-    assert result.exit_code == 2 and "need -q/--quantize" in result.output
+    result = runner.invoke(convert_command, [str(folder), str(tmp_path / "c"), "-q", "--q-convs", "--q-group-size", "32"])
+    assert result.exit_code == 0 and "(8-bit, group size 32, convolutions quantized)" in result.output, result.output
+    assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["quantization"]["convolutions"]
+    assert any("quantized 8-bit (group 32) with convolutions" in line for line in describe(tmp_path / "c"))
+    shutil.rmtree(tmp_path / "c")
+    for flag in (["--q-bits", "4"], ["--q-convs"]):
+        result = runner.invoke(convert_command, [str(folder), str(tmp_path / "r"), *flag])
+        assert result.exit_code == 2 and "need -q/--quantize" in result.output
     result = runner.invoke(convert_command, [str(folder), str(tmp_path / "r"), "--config", str(folder)])
     assert result.exit_code == 1 and "applies to single-file checkpoints only" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
