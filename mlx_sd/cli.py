@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .convert import convert_command
 from .pipeline import DTYPES
 from .schedulers import DESCRIPTIONS, DISPLAY_NAMES, resolve_sampler
 
@@ -56,11 +57,11 @@ def output_paths(output, seeds, overwrite=False):
         raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="-o/--output")
     paths = []
     for index, seed in enumerate(seeds):
-        path = Path(str(output).format(seed=seed, index=index))
+        path = base = Path(str(output).format(seed=seed, index=index))
         n = 0
         while path in paths or (path.exists() and not overwrite) or (not fields and index > 0 and n == 0):
             n += 1
-            path = path.with_name(f"{Path(str(output).format(seed=seed, index=index)).stem}-{n}{path.suffix}")
+            path = base.with_name(f"{base.stem}-{n}{base.suffix}")
         paths.append(path)
     return paths
 
@@ -272,13 +273,7 @@ def info(path):
         raise click.ClickException(str(e)) from None
 
 
-def _add_convert():
-    from .convert import convert_command
-
-    cli.add_command(convert_command, "convert")
-
-
-_add_convert()
+cli.add_command(convert_command)
 
 
 def main():

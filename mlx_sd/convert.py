@@ -18,14 +18,10 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, single_file_components
-from .pipeline import DTYPES
+from .pipeline import DTYPES, PIPELINES
 from .tokenizer import ASSETS as TOKENIZER_ASSETS
 from .weights import (CONFIG_PATTERNS, MANIFEST, MLX_WEIGHTS, PICKLE_SUFFIXES, QUANTIZE_BITS, QUANTIZE_GROUP_SIZES,
                       ModelLoadError, is_converted, quantize_model, read_json, resolve_model)
-
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionInpaintPipeline",
-             "StableDiffusionXLInpaintPipeline")
-
 
 def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64, quantize_vae=False,
             quantize_convolutions=False, prediction_type=None, config=None, force=False):

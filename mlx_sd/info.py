@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from .png import parse_a1111_parameters
+from .weights import MANIFEST
 
 Tensor = namedtuple("Tensor", "shape dtype")
 
@@ -63,7 +64,7 @@ def _describe_folder(path):
         raise ValueError(f"{path} has no model_index.json: not a model folder")
     index = json.loads(index_file.read_text())
     lines = [f"{path}: {index.get('_class_name', 'unknown pipeline')}"]
-    manifest = path / "mlx_sd.json"
+    manifest = path / MANIFEST
     if manifest.is_file():
         info = json.loads(manifest.read_text())
         lines.append("  converted by mlx_sd: " + ", ".join(f"{k} {v}" for k, v in info.items()))

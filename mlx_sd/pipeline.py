@@ -136,14 +136,11 @@ class StableDiffusion:
         dtype = _dtype(dtype)
         folder, checkpoint = open_model(name_or_path)
         index = read_json(folder / "model_index.json")
-        pipeline_cls = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
-                        "StableDiffusionInpaintPipeline": StableDiffusion,
-                        "StableDiffusionXLInpaintPipeline": StableDiffusionXL}
-        if index.get("_class_name") not in pipeline_cls:
+        if index.get("_class_name") not in PIPELINES:
             raise ModelLoadError(
-                f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(pipeline_cls)}"
+                f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(PIPELINES)}"
             )
-        model = pipeline_cls[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
+        model = PIPELINES[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
         model.low_memory = bool(low_memory)
         if low_memory:
             model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype, quantize, checkpoint)
@@ -311,6 +308,8 @@ class StableDiffusion:
         if image is not None:
             image = load_image(image)
             if mask is not None:
+                if not isinstance(mask, Image.Image):
+                    mask = load_image(mask)  # read the file once; a PIL mask keeps its mode (see preprocess_mask)
                 check_image_and_mask(image, mask)
             if width is None and height is None:
                 width, height = default_size(image, self.vae_scale_factor)
@@ -353,7 +352,7 @@ class StableDiffusion:
             conditioning, (height, width), original_size, crops_coords_top_left, target_size
         )
         mx.eval(conditioning.embeds, conditioning.extra)
-        if self.reload_text_encoders is not None:
+        if self.low_memory:
             self.free_text_encoders()
         timings["text_encoder"] = time.perf_counter() - tic
 
@@ -486,6 +485,11 @@ class StableDiffusionXL(StableDiffusion):
         batch = conditioning.embeds.shape[0]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
+
+
+# model_index.json's `_class_name` -> the pipeline class that loads it
+PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
+             "StableDiffusionInpaintPipeline": StableDiffusion, "StableDiffusionXLInpaintPipeline": StableDiffusionXL}
 
 
 def _noise_or(noise, shape, seeds, name, width, height):

@@ -192,7 +192,7 @@ def quantize_model(model: nn.Module, bits, group_size, convolutions=False):
     nn.quantize(model, group_size, bits, class_predicate=quantizable)
     if convolutions:
         _quantize_convolutions(model, group_size, bits, lambda path, conv: (
-            path.rsplit(".", 1)[-1] not in ("conv_in", "conv_out") and conv.weight[0].size % group_size == 0))
+            path.rsplit(".", 1)[-1] not in ("conv_in", "conv_out") and (conv.weight.size // conv.weight.shape[0]) % group_size == 0))
     return {"group_size": group_size, "bits": bits, **({"convolutions": True} if convolutions else {})}
 
 
