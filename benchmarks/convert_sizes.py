@@ -41,8 +41,11 @@ def build(name, folder, single_file):
         shutil.copy(f, folder / "tokenizer" / f.name)
 
     def config(component):
-        return {k: v for k, v in json.loads((configs / component / "config.json").read_text()).items()
-                if not k.startswith("_")}
+        return {
+            k: v
+            for k, v in json.loads((configs / component / "config.json").read_text()).items()
+            if not k.startswith("_")
+        }
 
     modules = {
         "unet": UNet2DConditionModel(**config("unet")),
@@ -59,8 +62,9 @@ def build(name, folder, single_file):
 
 def child(kind, *args):
     """Runs `kind` in a subprocess; returns its JSON report."""
-    out = subprocess.run([sys.executable, __file__, "_" + kind, *map(str, args)], check=True, capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "_" + kind, *map(str, args)], check=True, capture_output=True, text=True, cwd=ROOT
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -85,9 +89,15 @@ def do_convert(source, output, dtype, bits, prediction_type):
     from mlx_sd.convert import convert
 
     tic = time.perf_counter()
-    convert(source, output, dtype=dtype, quantize=None if bits == "none" else int(bits.rstrip("c")),
-            quantize_convolutions=bits.endswith("c"), force=True,
-            prediction_type=None if prediction_type == "none" else prediction_type)
+    convert(
+        source,
+        output,
+        dtype=dtype,
+        quantize=None if bits == "none" else int(bits.rstrip("c")),
+        quantize_convolutions=bits.endswith("c"),
+        force=True,
+        prediction_type=None if prediction_type == "none" else prediction_type,
+    )
     report({"seconds": time.perf_counter() - tic})
 
 
@@ -110,9 +120,17 @@ def do_generate(folder, output):
     pipe = StableDiffusion.from_pretrained(folder, dtype="float32")
     latents = mx.random.normal((1, 16, 16, 4), key=mx.random.key(0))
     scheduler_latents = []
-    images = pipe.generate("a photo of an astronaut riding a horse", width=128, height=128, steps=2,
-                           guidance_scale=7.5, sampler="euler", seed=0, latents=latents,
-                           callback=lambda step, t, x: scheduler_latents.append(np.array(x)))
+    images = pipe.generate(
+        "a photo of an astronaut riding a horse",
+        width=128,
+        height=128,
+        steps=2,
+        guidance_scale=7.5,
+        sampler="euler",
+        seed=0,
+        latents=latents,
+        callback=lambda step, t, x: scheduler_latents.append(np.array(x)),
+    )
     np.savez(output, image=np.asarray(images[0]), latents=scheduler_latents[-1])
     report({})
 
@@ -133,10 +151,14 @@ def run(name, work):
         print(f"{name}: built the random diffusers folder in {time.perf_counter() - tic:.0f} s", flush=True)
     prediction_type = MODELS[name][1] or "none"
     rows = {}
-    for label, source, dtype, bits in (("fp16", folder, "float16", "none"), ("q8", folder, "float16", "8"),
-                                       ("q4", folder, "float16", "4"), ("q8 convs", folder, "float16", "8c"),
-                                       ("q4 convs", folder, "float16", "4c"),
-                                       ("fp16 from single file", single, "float16", "none")):
+    for label, source, dtype, bits in (
+        ("fp16", folder, "float16", "none"),
+        ("q8", folder, "float16", "8"),
+        ("q4", folder, "float16", "4"),
+        ("q8 convs", folder, "float16", "8c"),
+        ("q4 convs", folder, "float16", "4c"),
+        ("fp16 from single file", single, "float16", "none"),
+    ):
         out = work / label.replace(" ", "_")
         rows[label] = child("convert", source, out, dtype, bits, prediction_type if source == single else "none")
         rows[label]["gib"] = size(out)
@@ -163,10 +185,19 @@ def run(name, work):
     for label in ("q8", "q4", "q8 convs", "q4 convs"):
         image = np.abs(images[label]["image"].astype(np.float64) - images["fp16"]["image"])
         ref = images["fp16"]["latents"]
-        diffs[label] = dict(image_mean=image.mean(), image_max=image.max(),
-                            latents_rel=float(np.linalg.norm(images[label]["latents"] - ref) / np.linalg.norm(ref)))
-    return dict(diffusers_gib=size(folder), largest_component_gib=largest, single_file_gib=single.stat().st_size / GiB,
-                conversions=rows, loads=loads, diffs=diffs)
+        diffs[label] = dict(
+            image_mean=image.mean(),
+            image_max=image.max(),
+            latents_rel=float(np.linalg.norm(images[label]["latents"] - ref) / np.linalg.norm(ref)),
+        )
+    return dict(
+        diffusers_gib=size(folder),
+        largest_component_gib=largest,
+        single_file_gib=single.stat().st_size / GiB,
+        conversions=rows,
+        loads=loads,
+        diffs=diffs,
+    )
 
 
 def main():
@@ -183,20 +214,26 @@ def main():
     print(json.dumps(results, indent=1, default=float))
     for name, r in results.items():
         fp16 = r["conversions"]["fp16"]["gib"]
-        print(f"\n## {name}: diffusers folder {r['diffusers_gib']:.2f} GiB (float32), single file "
-              f"{r['single_file_gib']:.2f} GiB, largest component {r['largest_component_gib']:.2f} GiB")
+        print(
+            f"\n## {name}: diffusers folder {r['diffusers_gib']:.2f} GiB (float32), single file "
+            f"{r['single_file_gib']:.2f} GiB, largest component {r['largest_component_gib']:.2f} GiB"
+        )
         print("| output | size GiB | vs fp16 | convert s | peak RSS GiB | MLX peak GiB | peak / largest |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for label, row in r["conversions"].items():
-            print(f"| {label} | {row['gib']:.2f} | {row['gib'] / fp16:.3f} | {row['seconds']:.1f} | "
-                  f"{row['rss_gib']:.2f} | {row['mlx_peak_gib']:.2f} | "
-                  f"{row['mlx_peak_gib'] / r['largest_component_gib']:.2f} |")
+            print(
+                f"| {label} | {row['gib']:.2f} | {row['gib'] / fp16:.3f} | {row['seconds']:.1f} | "
+                f"{row['rss_gib']:.2f} | {row['mlx_peak_gib']:.2f} | "
+                f"{row['mlx_peak_gib'] / r['largest_component_gib']:.2f} |"
+            )
         print("| load (float16) | seconds | peak RSS GiB |\n| --- | --- | --- |")
         for label, row in r["loads"].items():
             print(f"| {label} | {row['seconds']:.1f} | {row['rss_gib']:.2f} |")
         for label, d in r["diffs"].items():
-            print(f"{label} vs fp16 (2 euler steps, 128x128, float32 compute): image mean {d['image_mean']:.2f}/255 "
-                  f"max {d['image_max']:.0f}/255, final latents relative L2 {d['latents_rel']:.4f}")
+            print(
+                f"{label} vs fp16 (2 euler steps, 128x128, float32 compute): image mean {d['image_mean']:.2f}/255 "
+                f"max {d['image_max']:.0f}/255, final latents relative L2 {d['latents_rel']:.4f}"
+            )
 
 
 if __name__ == "__main__":

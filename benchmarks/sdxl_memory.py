@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlx_sd.pipeline import DTYPES  # noqa: E402
+from mlx_sd.quantize import quantize_model  # noqa: E402
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL  # noqa: E402
-from mlx_sd.weights import quantize_model, read_json  # noqa: E402
+from mlx_sd.weights import read_json  # noqa: E402
 
 CONFIGS = ROOT / "tests" / "configs" / "stabilityai--stable-diffusion-xl-base-1.0"
 GiB = 2**30
@@ -98,8 +99,11 @@ def run_phase(name, fn, results):
 
 def format_row(r):
     rss = f"{r['rss_peak'] / GiB:6.2f}" if r["rss_peak"] is not None else "     -"
-    return (f"{r['phase']:<12} {r['seconds']:9.1f} s   mlx peak {r['mlx_peak'] / GiB:6.2f} GiB   "
-            f"mlx active after {r['mlx_active'] / GiB:6.2f} GiB   rss peak {rss} GiB   ru_maxrss {r['ru_maxrss'] / GiB:6.2f} GiB")
+    return (
+        f"{r['phase']:<12} {r['seconds']:9.1f} s   mlx peak {r['mlx_peak'] / GiB:6.2f} GiB   "
+        f"mlx active after {r['mlx_active'] / GiB:6.2f} GiB   rss peak {rss} GiB   "
+        f"ru_maxrss {r['ru_maxrss'] / GiB:6.2f} GiB"
+    )
 
 
 def build_unet(dtype, bits):
@@ -130,7 +134,7 @@ def unet_phases(args, dtype, latent_size, results):
     parameters = sum(v.size for _, v in tree_flatten(unet.parameters()))
     print(f"  UNet: {parameters / 1e9:.2f} B stored values, {mx.get_active_memory() / GiB:.2f} GiB", flush=True)
     if not args.no_step:
-        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype, args.batch), results)
+        noise = run_phase("unet step", lambda: unet_step(unet, latent_size, dtype, args.batch), results)  # noqa: F821 (deleted below)
         print(f"  UNet output finite: {bool(mx.isfinite(noise).all())}", flush=True)
         del noise
     del unet
@@ -152,8 +156,11 @@ def main():
     vae_config = AutoencoderConfig.from_dict(read_json(CONFIGS / "vae" / "config.json"))
     vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.force_upcast else dtype
     quantized = f", UNet {args.quantize}-bit (group 64)" if args.quantize else ""
-    print(f"SDXL {args.size}x{args.size}, random weights, UNet {args.dtype}{quantized}, VAE {vae_dtype}; "
-          f"MLX {mx.__version__}, device {mx.default_device()}", flush=True)
+    print(
+        f"SDXL {args.size}x{args.size}, random weights, UNet {args.dtype}{quantized}, VAE {vae_dtype}; "
+        f"MLX {mx.__version__}, device {mx.default_device()}",
+        flush=True,
+    )
 
     results = []
     mx.random.seed(0)

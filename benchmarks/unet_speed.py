@@ -46,14 +46,16 @@ def main():
     if config.get("addition_embed_type") == "text_time":
         text_embeds = rng.standard_normal((2, 1280)).astype(np.float32)
         time_ids = np.array([[args.size, args.size, 0, 0, args.size, args.size]] * 2, np.float32)
-        extra_torch = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}}
+        extra_torch = {
+            "added_cond_kwargs": {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
+        }
         extra_mlx = {"text_embeds": mx.array(text_embeds), "time_ids": mx.array(time_ids)}
 
     def run_torch():
         with torch.no_grad():
             x = torch.from_numpy(sample).permute(0, 3, 1, 2).to(args.torch_device, getattr(torch, args.dtype))
             c = torch.from_numpy(context).to(args.torch_device, getattr(torch, args.dtype))
-            out = reference(x, 500, encoder_hidden_states=c, **extra_torch).sample
+            out = reference(x, 500, encoder_hidden_states=c, **extra_torch).sample  # noqa: F821 (deleted below)
             return out.float().cpu().numpy()
 
     torch_out = run_torch()
@@ -72,8 +74,12 @@ def main():
     dtype = getattr(mx, args.dtype)
 
     def run_mlx():
-        out = unet(mx.array(sample, dtype=dtype), 500, mx.array(context, dtype=dtype),
-                   **{k: v.astype(dtype) for k, v in extra_mlx.items()})
+        out = unet(
+            mx.array(sample, dtype=dtype),
+            500,
+            mx.array(context, dtype=dtype),
+            **{k: v.astype(dtype) for k, v in extra_mlx.items()},
+        )
         mx.eval(out)
         return out
 

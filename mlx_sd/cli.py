@@ -49,8 +49,10 @@ def output_paths(output, seeds, overwrite=False):
         output = output / "{seed}.png"
     fields = {name for _, name, _, _ in string.Formatter().parse(str(output)) if name is not None}
     if fields - {"seed", "index"}:
-        raise click.BadParameter(f"unknown field(s) {', '.join(sorted(fields - {'seed', 'index'}))}: use {{seed}} and {{index}}",
-                                 param_hint="-o/--output")
+        raise click.BadParameter(
+            f"unknown field(s) {', '.join(sorted(fields - {'seed', 'index'}))}: use {{seed}} and {{index}}",
+            param_hint="-o/--output",
+        )
     if output.suffix.lower() != ".png":
         raise click.BadParameter(f"output must be a .png file or a folder, got {output}", param_hint="-o/--output")
     if not output.parent.is_dir():
@@ -83,8 +85,11 @@ class Progress:
         rate = step / elapsed if elapsed > 0 else 0.0
         eta = (total - step) / rate if rate > 0 else 0.0
         bar = "#" * (20 * step // total) + "-" * (20 - 20 * step // total)
-        click.echo(f"\rimage {self.image}/{self.images} [{bar}] {step}/{total} {rate:.2f} it/s ETA {eta:.0f}s",
-                   err=True, nl=step == total)
+        click.echo(
+            f"\rimage {self.image}/{self.images} [{bar}] {step}/{total} {rate:.2f} it/s ETA {eta:.0f}s",
+            err=True,
+            nl=step == total,
+        )
 
 
 @click.group()
@@ -95,47 +100,122 @@ def cli():
 
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option("--model", default="stabilityai/sd-turbo", show_default=True,
-              help="Hub repo id, diffusers-format folder, converted MLX folder or single-file .safetensors.")
+@click.option(
+    "--model",
+    default="stabilityai/sd-turbo",
+    show_default=True,
+    help="Hub repo id, diffusers-format folder, converted MLX folder or single-file .safetensors.",
+)
 @click.option("--negative-prompt", default="", help="What the image should not show.")
-@click.option("-W", "--width", type=int, callback=_multiple_of_8, help="Image width (multiple of 8; default: the model's).")
-@click.option("-H", "--height", type=int, callback=_multiple_of_8, help="Image height (multiple of 8; default: the model's).")
+@click.option(
+    "-W", "--width", type=int, callback=_multiple_of_8, help="Image width (multiple of 8; default: the model's)."
+)
+@click.option(
+    "-H", "--height", type=int, callback=_multiple_of_8, help="Image height (multiple of 8; default: the model's)."
+)
 @click.option("--steps", type=int, callback=_at_least(1), help="Sampler steps (default: the model's).")
-@click.option("--cfg", "--guidance-scale", "guidance_scale", type=float, callback=_at_least(0),
-              help="Classifier-free guidance scale; <= 1 turns it off (default: the model's).")
+@click.option(
+    "--cfg",
+    "--guidance-scale",
+    "guidance_scale",
+    type=float,
+    callback=_at_least(0),
+    help="Classifier-free guidance scale; <= 1 turns it off (default: the model's).",
+)
 @click.option("--sampler", callback=_sampler, help="Sampler: a name from `mlx-sd samplers` or its A1111 name.")
 @click.option("--seed", type=int, help="Random seed (default: a random one, printed); image i uses seed + i.")
 @click.option("-n", "--num-images", type=int, default=1, callback=_at_least(1), show_default=True)
 @click.option("--batch-size", type=int, default=1, callback=_at_least(1), show_default=True, help="Images per batch.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float16", show_default=True)
-@click.option("-q", "--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoders and UNet while loading.")
+@click.option(
+    "-q", "--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoders and UNet while loading."
+)
 @click.option("--image", type=click.Path(dir_okay=False), help="Image-to-image: start from this image.")
-@click.option("--strength", type=click.FloatRange(0, 1), help="Share of the schedule run on --image (default 0.8, 1.0 with --mask).")
+@click.option(
+    "--strength",
+    type=click.FloatRange(0, 1),
+    help="Share of the schedule run on --image (default 0.8, 1.0 with --mask).",
+)
 @click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
 @click.option("--mask-blur", type=float, default=0, callback=_at_least(0), help="Blur radius of the mask, in pixels.")
 @click.option("--clip-skip", type=int, callback=_at_least(1), help="CLIP layer to use, A1111 numbering (1 = last).")
 @click.option("--truncate", is_flag=True, help="Cut prompts at 75 tokens instead of encoding them in chunks.")
-@click.option("--low-memory", is_flag=True,
-              help="Free the text encoders before the UNet runs, run guidance as two UNet calls, decode in tiles.")
-@click.option("--tiled-decode/--no-tiled-decode", default=None,
-              help="Decode images over 512x512 in blended tiles (less memory; default: with --low-memory).")
-@click.option("-o", "--output", default="out.png", show_default=True,
-              help="Output .png, folder, or pattern with {seed} and {index}.")
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Free the text encoders before the UNet runs, run guidance as two UNet calls, decode in tiles.",
+)
+@click.option(
+    "--tiled-decode/--no-tiled-decode",
+    default=None,
+    help="Decode images over 512x512 in blended tiles (less memory; default: with --low-memory).",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="out.png",
+    show_default=True,
+    help="Output .png, folder, or pattern with {seed} and {index}.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of numbering new names.")
 @click.option("--grid", is_flag=True, help="Save all images as one contact sheet.")
 @click.option("--preview", is_flag=True, help="Write a cheap preview of each step to <output>.preview.png.")
-@click.option("--from-png", type=click.Path(exists=True, dir_okay=False),
-              help="Take the prompt and settings from a PNG's parameters; options given here override them.")
+@click.option(
+    "--from-png",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Take the prompt and settings from a PNG's parameters; options given here override them.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Print timings per phase and peak memory.")
 @click.pass_context
-def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance_scale, sampler, seed, num_images,
-             batch_size, dtype, quantize, image, strength, mask, mask_blur, clip_skip, truncate, low_memory, tiled_decode,
-             output, overwrite, grid, preview, from_png, quiet, verbose):
+def generate(
+    ctx,
+    prompt,
+    model,
+    negative_prompt,
+    width,
+    height,
+    steps,
+    guidance_scale,
+    sampler,
+    seed,
+    num_images,
+    batch_size,
+    dtype,
+    quantize,
+    image,
+    strength,
+    mask,
+    mask_blur,
+    clip_skip,
+    truncate,
+    low_memory,
+    tiled_decode,
+    output,
+    overwrite,
+    grid,
+    preview,
+    from_png,
+    quiet,
+    verbose,
+):
     """Generate images from PROMPT."""
-    settings = dict(prompt=prompt, model=model, negative_prompt=negative_prompt, width=width, height=height,
-                    steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, clip_skip=clip_skip,
-                    image=image, strength=strength, mask=mask, mask_blur=mask_blur)
+    settings = dict(
+        prompt=prompt,
+        model=model,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        seed=seed,
+        clip_skip=clip_skip,
+        image=image,
+        strength=strength,
+        mask=mask,
+        mask_blur=mask_blur,
+    )
     if mask is not None and image is None:
         raise click.UsageError("--mask needs --image (the image to inpaint)")
     if from_png:
@@ -150,21 +230,47 @@ def generate(ctx, prompt, model, negative_prompt, width, height, steps, guidance
     progress = Progress(not quiet and sys.stderr.isatty(), num_images)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
-        options = dict(num_images=num_images, batch_size=batch_size, dtype=dtype, quantize=quantize, truncate=truncate,
-                       low_memory=low_memory, tiled_decode=tiled_decode, grid=grid, preview=preview, verbose=verbose)
+        options = dict(
+            num_images=num_images,
+            batch_size=batch_size,
+            dtype=dtype,
+            quantize=quantize,
+            truncate=truncate,
+            low_memory=low_memory,
+            tiled_decode=tiled_decode,
+            grid=grid,
+            preview=preview,
+            verbose=verbose,
+        )
         _generate(settings, seed, seeds, paths, progress, **options)
 
 
-def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dtype, quantize, truncate, low_memory,
-              tiled_decode, grid, preview, verbose):
+def _generate(
+    settings,
+    seed,
+    seeds,
+    paths,
+    progress,
+    num_images,
+    batch_size,
+    dtype,
+    quantize,
+    truncate,
+    low_memory,
+    tiled_decode,
+    grid,
+    preview,
+    verbose,
+):
     from .pipeline import GenerationCancelled, StableDiffusion
     from .png import save_png
     from .weights import ModelLoadError
 
     try:
         tic = time.perf_counter()
-        pipe = StableDiffusion.from_pretrained(settings["model"], dtype=dtype, low_memory=low_memory,
-                                               quantize=int(quantize) if quantize else None)
+        pipe = StableDiffusion.from_pretrained(
+            settings["model"], dtype=dtype, low_memory=low_memory, quantize=int(quantize) if quantize else None
+        )
         load_time = time.perf_counter() - tic
         images = []
         for start in range(0, num_images, batch_size):
@@ -177,11 +283,22 @@ def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dt
                     save_png(pipe.decode_preview(latents)[0], paths[0].with_suffix(".preview.png"))
 
             batch = pipe.generate(
-                settings["prompt"], negative_prompt=settings["negative_prompt"], width=settings["width"],
-                height=settings["height"], steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-                sampler=settings["sampler"], seed=seed + start, num_images=count, clip_skip=settings["clip_skip"],
-                image=settings["image"], strength=settings["strength"], mask=settings["mask"],
-                mask_blur=settings["mask_blur"], truncate_prompt=truncate, tiled_decode=tiled_decode,
+                settings["prompt"],
+                negative_prompt=settings["negative_prompt"],
+                width=settings["width"],
+                height=settings["height"],
+                steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                sampler=settings["sampler"],
+                seed=seed + start,
+                num_images=count,
+                clip_skip=settings["clip_skip"],
+                image=settings["image"],
+                strength=settings["strength"],
+                mask=settings["mask"],
+                mask_blur=settings["mask_blur"],
+                truncate_prompt=truncate,
+                tiled_decode=tiled_decode,
                 callback=on_step,
             )
             for i, image in enumerate(batch):
@@ -191,7 +308,9 @@ def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dt
                     click.echo(f"seed {seed + start + i}: {paths[start + i]}")
             if verbose:
                 timings = ", ".join(f"{k} {v:.2f}s" for k, v in batch.timings.items())
-                click.echo(f"load {load_time:.2f}s, {timings}, peak memory {batch.peak_memory / 2**30:.2f} GiB", err=True)
+                click.echo(
+                    f"load {load_time:.2f}s, {timings}, peak memory {batch.peak_memory / 2**30:.2f} GiB", err=True
+                )
         if grid:
             save_png(contact_sheet([image for image, _ in images]), paths[0], images[0][1])
             click.echo(f"seeds {seeds[0]}-{seeds[-1]}: {paths[0]}")
@@ -203,9 +322,14 @@ def _generate(settings, seed, seeds, paths, progress, num_images, batch_size, dt
 
 
 # A1111 parameter name -> generate setting, type
-PNG_SETTINGS = [("Steps", "steps", int), ("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
-                ("Clip skip", "clip_skip", int), ("Denoising strength", "strength", float),
-                ("Mask blur", "mask_blur", float)]
+PNG_SETTINGS = [
+    ("Steps", "steps", int),
+    ("CFG scale", "guidance_scale", float),
+    ("Seed", "seed", int),
+    ("Clip skip", "clip_skip", int),
+    ("Denoising strength", "strength", float),
+    ("Mask blur", "mask_blur", float),
+]
 
 
 def settings_from_png(path):

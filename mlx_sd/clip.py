@@ -5,7 +5,6 @@ OpenCLIP bigG with a text projection. Reference: transformers/models/clip/modeli
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +42,7 @@ class CLIPTextOutput:
     last_hidden_state: mx.array  # (B, L, hidden) after the final layer norm
     pooler_output: mx.array  # (B, hidden) last_hidden_state at the EOS position
     hidden_states: list = field(default_factory=list)  # embeddings, then each layer's output (before final norm)
-    text_embeds: Optional[mx.array] = None  # (B, projection_dim) projected pooler_output, with_projection only
+    text_embeds: mx.array | None = None  # (B, projection_dim) projected pooler_output, with_projection only
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -133,8 +132,10 @@ class CLIPTextModel(nn.Module):
     def __call__(self, input_ids) -> CLIPTextOutput:
         """input_ids: (B, L) integer token ids, L <= max_position_embeddings."""
         B, L = input_ids.shape
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        if self.config.max_position_embeddings < L:
+            raise ValueError(
+                f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
         tm = self.text_model
         x = tm.embeddings(input_ids)
         hidden_states = [x]

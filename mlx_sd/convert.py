@@ -17,14 +17,26 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__
+from .hub import CONFIG_PATTERNS, resolve_model
 from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, single_file_components
 from .pipeline import DTYPES, PIPELINES
+from .quantize import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES, quantize_model
 from .tokenizer import ASSETS as TOKENIZER_ASSETS
-from .weights import (CONFIG_PATTERNS, MANIFEST, MLX_WEIGHTS, PICKLE_SUFFIXES, QUANTIZE_BITS, QUANTIZE_GROUP_SIZES,
-                      ModelLoadError, is_converted, quantize_model, read_json, resolve_model)
+from .weights import MANIFEST, MLX_WEIGHTS, ModelLoadError, is_converted, read_json, refuse_pickle
 
-def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64, quantize_vae=False,
-            quantize_convolutions=False, prediction_type=None, config=None, force=False):
+
+def convert(
+    source,
+    output_dir,
+    dtype="float16",
+    quantize=None,
+    q_group_size=64,
+    quantize_vae=False,
+    quantize_convolutions=False,
+    prediction_type=None,
+    config=None,
+    force=False,
+):
     """Converts `source` into the MLX model folder `output_dir`; returns its path.
 
     source: Hub repo id, diffusers (or converted) folder, or single-file `.safetensors` checkpoint (SD 1.x, 2.x,
@@ -63,15 +75,33 @@ def convert(source, output_dir, dtype="float16", quantize=None, q_group_size=64,
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
     try:
         for name in components:
-            _convert_component(folder, name, work, DTYPES[dtype], quantize if name in quantized else None,
-                               q_group_size, checkpoint, quantize_convolutions and name == "unet")
+            _convert_component(
+                folder,
+                name,
+                work,
+                DTYPES[dtype],
+                quantize if name in quantized else None,
+                q_group_size,
+                checkpoint,
+                quantize_convolutions and name == "unet",
+            )
         _copy_configs(folder, work, index, prediction_type)
         scheduler = read_json(work / "scheduler" / "scheduler_config.json")
         manifest = {
-            "format": "mlx_sd", "format_version": 1, "mlx_sd_version": __version__, "source": str(source),
-            "family": family, "dtype": dtype, "prediction_type": scheduler.get("prediction_type", "epsilon"),
-            "quantization": quantize and {"bits": quantize, "group_size": q_group_size, "components": quantized,
-                                          "convolutions": quantize_convolutions},
+            "format": "mlx_sd",
+            "format_version": 1,
+            "mlx_sd_version": __version__,
+            "source": str(source),
+            "family": family,
+            "dtype": dtype,
+            "prediction_type": scheduler.get("prediction_type", "epsilon"),
+            "quantization": quantize
+            and {
+                "bits": quantize,
+                "group_size": q_group_size,
+                "components": quantized,
+                "convolutions": quantize_convolutions,
+            },
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(work, output)
@@ -91,8 +121,7 @@ def _check_output(output, force):
 def _open_source(source, prediction_type, config):
     """(folder with configs [and weights], single-file checkpoint or None, family)."""
     path = Path(source).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"{source} is a pickle checkpoint; mlx_sd never unpickles files: use a .safetensors file")
+    refuse_pickle(path)
     if path.is_file() or (path.suffix.lower() == ".safetensors" and not path.is_dir()):
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"{source}: expected a single-file .safetensors checkpoint or a model folder")
@@ -124,15 +153,17 @@ def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, 
     except ModelLoadError as e:
         if checkpoint is None:
             raise
-        raise ModelLoadError(f"{e} (the configs in {folder} do not fit {checkpoint.name}; pass --config with its "
-                             "diffusers configs)") from None
+        raise ModelLoadError(
+            f"{e} (the configs in {folder} do not fit {checkpoint.name}; pass --config with its diffusers configs)"
+        ) from None
     config = read_json(folder / name / "config.json")
     if bits:
         config["quantization"] = quantize_model(model, bits, group_size, convolutions)
         mx.eval(model.parameters())
     (work / name).mkdir()
-    mx.save_safetensors(str(work / name / MLX_WEIGHTS), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(work / name / MLX_WEIGHTS), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
+    )
     (work / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -176,27 +207,49 @@ def _folder_size(folder):
 @click.command("convert")
 @click.argument("source")
 @click.argument("output_dir")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float16", show_default=True,
-              help="Float type of the saved weights.")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default="float16",
+    show_default=True,
+    help="Float type of the saved weights.",
+)
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the text encoders and the UNet (Linear layers).")
 @click.option("--q-bits", type=click.Choice(["4", "8"]), help="Bits per quantized weight (default 8).")
 @click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), help="Quantization group size (default 64).")
 @click.option("--quantize-vae", is_flag=True, help="Quantize the VAE's Linear layers too (its attention only).")
-@click.option("--q-convs", is_flag=True,
-              help="Quantize the UNet's convolutions too (not conv_in/conv_out): smaller SD 1.x/2.x UNets.")
-@click.option("--prediction-type", type=click.Choice(list(PREDICTION_TYPES)),
-              help="What the model predicts; needed for SD 2.x single files (epsilon: 2.x base, v_prediction: 768).")
+@click.option(
+    "--q-convs",
+    is_flag=True,
+    help="Quantize the UNet's convolutions too (not conv_in/conv_out): smaller SD 1.x/2.x UNets.",
+)
+@click.option(
+    "--prediction-type",
+    type=click.Choice(list(PREDICTION_TYPES)),
+    help="What the model predicts; needed for SD 2.x single files (epsilon: 2.x base, v_prediction: 768).",
+)
 @click.option("--config", help="Diffusers folder or Hub repo id whose configs fit a single-file checkpoint.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
-def convert_command(source, output_dir, dtype, quantize, q_bits, q_group_size, quantize_vae, q_convs, prediction_type,
-                    config, force):
+def convert_command(
+    source, output_dir, dtype, quantize, q_bits, q_group_size, quantize_vae, q_convs, prediction_type, config, force
+):
     """Convert SOURCE (Hub repo id, diffusers folder or single-file .safetensors) into the MLX model OUTPUT_DIR."""
     if (q_bits or q_group_size or quantize_vae or q_convs) and not quantize:
         raise click.UsageError("--q-bits, --q-group-size, --quantize-vae and --q-convs need -q/--quantize")
     bits = int(q_bits or 8) if quantize else None
     try:
-        output = convert(source, output_dir, dtype=dtype, quantize=bits, q_group_size=int(q_group_size or 64),
-                         quantize_vae=quantize_vae, quantize_convolutions=q_convs, prediction_type=prediction_type, config=config, force=force)
+        output = convert(
+            source,
+            output_dir,
+            dtype=dtype,
+            quantize=bits,
+            q_group_size=int(q_group_size or 64),
+            quantize_vae=quantize_vae,
+            quantize_convolutions=q_convs,
+            prediction_type=prediction_type,
+            config=config,
+            force=force,
+        )
     except (ModelLoadError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     manifest = read_json(output / MANIFEST)

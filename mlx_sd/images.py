@@ -31,7 +31,7 @@ def default_size(image, multiple=8):
 
 
 def preprocess_image(image, width, height):
-    """PIL image or path -> (1, height, width, 3) float32 in [-1, 1], resized with Lanczos to exactly (width, height)."""
+    """PIL image or path -> (1, height, width, 3) float32 in [-1, 1], resized with Lanczos to (width, height)."""
     image = load_image(image).resize((width, height), resample=RESAMPLE)
     pixels = np.asarray(image).astype(np.float32) / 255.0  # (H, W, 3)
     return mx.array(2.0 * pixels[None] - 1.0)

@@ -54,8 +54,10 @@ def _describe_single_file(path):
         family = detect_family(tensors)
     except ValueError as e:
         family = f"unrecognised ({e})"
-    return [f"{path}: single-file checkpoint (original layout), family {family}",
-            f"  {_count(tensors)} parameters, {_dtypes(tensors)}, {_size(path)}"]
+    return [
+        f"{path}: single-file checkpoint (original layout), family {family}",
+        f"  {_count(tensors)} parameters, {_dtypes(tensors)}, {_size(path)}",
+    ]
 
 
 def _describe_folder(path):
@@ -80,8 +82,7 @@ def _describe_folder(path):
         quantized = config.get("quantization")
         q = f", quantized {quantized['bits']}-bit (group {quantized['group_size']})" if quantized else ""
         q += " with convolutions" if quantized and quantized.get("convolutions") else ""
-        lines.append(f"  {component.name}: {_count(tensors)} parameters, {_dtypes(tensors)}{q}, "
-                     f"{_size(*files)}")
+        lines.append(f"  {component.name}: {_count(tensors)} parameters, {_dtypes(tensors)}{q}, {_size(*files)}")
     return lines
 
 

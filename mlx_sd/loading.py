@@ -7,14 +7,15 @@ import mlx.core as mx
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .clip import sanitize as sanitize_clip
+from .hub import resolve_model
+from .quantize import quantize_model, rebuild_quantized
 from .single_file import load_single_file
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .unet import sanitize as sanitize_unet
 from .vae import AutoencoderConfig, AutoencoderKL
 from .vae import sanitize as sanitize_vae
-from .weights import (ModelLoadError, is_converted, load_strict, quantize_model, read_converted, read_json,
-                      read_safetensors, rebuild_quantized, resolve_model)
+from .weights import ModelLoadError, is_converted, load_strict, read_converted, read_json, read_safetensors
 
 # component -> (config class, model class, diffusers layout -> MLX layout)
 MODELS = {
@@ -82,7 +83,9 @@ def load_component(folder, name, dtype, quantize=None, checkpoint=None):
         quantization = config.get("quantization")
         if quantization:
             if quantize:
-                raise ModelLoadError(f"{folder} is already quantized ({quantization.get('bits')}-bit); load it without quantize")
+                raise ModelLoadError(
+                    f"{folder} is already quantized ({quantization.get('bits')}-bit); load it without quantize"
+                )
             rebuild_quantized(model, weights, quantization, name)
     else:
         weights = sanitize(read_safetensors(Path(folder) / name))

@@ -31,10 +31,14 @@ class Defaults:
 
 # Cheap previews: a linear map from the 4 latent channels to RGB (the factors ComfyUI and A1111 use).
 PREVIEW_FACTORS = {
-    "sd": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
-           [0.0, 0.0, 0.0]),
-    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
-             [0.1084, -0.0175, -0.0011]),
+    "sd": (
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011],
+    ),
 }
 
 
@@ -62,7 +66,9 @@ class Inpainting:
 
     mask: mx.array  # (B, h, w, 1) 1 = repaint, at latent size
     image_latents: mx.array  # (B, h, w, 4) scaled latents of the input image
-    masked_latents: mx.array  # (B, h, w, 4) latents of the image with the mask's area blanked (inpainting UNets), or None
+    masked_latents: (
+        mx.array
+    )  # (B, h, w, 4) latents of the image with the mask's area blanked (inpainting UNets), or None
     noise: mx.array  # (B, h, w, 4) the noise the image latents are noised with
 
 
@@ -321,8 +327,12 @@ class StableDiffusion:
         seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
         strength = (1.0 if mask is not None else 0.8) if strength is None else float(strength)
         self.check_settings(width, height, steps, guidance_scale, num_images)
-        shape = (num_images, height // self.vae_scale_factor, width // self.vae_scale_factor,
-                 self.vae.config.latent_channels)
+        shape = (
+            num_images,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+            self.vae.config.latent_channels,
+        )
         seeds = [seed + i for i in range(num_images)]
         latents = _noise_or(latents, shape, seeds, "latents", width, height)
         scheduler = make_scheduler(sampler, self.scheduler_config)
@@ -339,8 +349,9 @@ class StableDiffusion:
             timesteps = _strength_timesteps(timesteps, steps, strength)
             # the VAE posterior's standard normal draw, from a stream of its own per image
             image_noise = _noise_or(image_noise, shape, [s + 2**32 for s in seeds], "image_noise", width, height)
-            x, inpaint = self.prepare_image(image, mask, mask_blur, width, height, strength, latents, image_noise,
-                                            scheduler, timesteps)
+            x, inpaint = self.prepare_image(
+                image, mask, mask_blur, width, height, strength, latents, image_noise, scheduler, timesteps
+            )
             mx.eval(x)
             timings["vae_encode"] = time.perf_counter() - tic
 
@@ -371,15 +382,22 @@ class StableDiffusion:
         images = to_pil(self.decode(x, self.low_memory if tiled_decode is None else tiled_decode))
         timings["vae"] = time.perf_counter() - tic
         parameters = dict(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            guidance_scale=guidance_scale, sampler=sampler, seed=seed, model=self.name, clip_skip=clip_skip,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            seed=seed,
+            model=self.name,
+            clip_skip=clip_skip,
         )
         if image is not None:
             parameters.update(strength=strength, mask_blur=mask_blur if mask is not None else None)
         return Images(images, seed, parameters, timings, mx.get_peak_memory())
 
-    def prepare_image(self, image, mask, mask_blur, width, height, strength, noise, image_noise, scheduler,
-                      timesteps):
+    def prepare_image(self, image, mask, mask_blur, width, height, strength, noise, image_noise, scheduler, timesteps):
         """The starting latents of image-to-image / inpainting and the inpainting state (None for img2img).
 
         Follows diffusers' Img2Img and Inpaint pipelines: the image's VAE posterior sample (scaled) noised to
@@ -435,8 +453,19 @@ class StableDiffusionXL(StableDiffusion):
 
     family = "sdxl"
 
-    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae, scheduler_config,
-                 dtype=mx.float16, name="model", force_zeros_for_empty_prompt=True):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        tokenizer_2,
+        text_encoder_2,
+        unet,
+        vae,
+        scheduler_config,
+        dtype=mx.float16,
+        name="model",
+        force_zeros_for_empty_prompt=True,
+    ):
         super().__init__(tokenizer, text_encoder, unet, vae, scheduler_config, dtype, name)
         self.tokenizer_2 = tokenizer_2
         self.text_encoder_2 = text_encoder_2
@@ -445,11 +474,22 @@ class StableDiffusionXL(StableDiffusion):
     @classmethod
     def _load(cls, folder, index, dtype, name, quantize=None, checkpoint=None):
         tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
-        tokenizer_2, text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype, quantize,
-                                                        checkpoint)
+        tokenizer_2, text_encoder_2 = load_text_encoder(
+            folder, "tokenizer_2", "text_encoder_2", dtype, quantize, checkpoint
+        )
         unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
-        model = cls(tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae, scheduler_config, dtype, name,
-                    index.get("force_zeros_for_empty_prompt", True))
+        model = cls(
+            tokenizer,
+            text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler_config,
+            dtype,
+            name,
+            index.get("force_zeros_for_empty_prompt", True),
+        )
         mx.eval(model.parameters())
         return model
 
@@ -488,8 +528,12 @@ class StableDiffusionXL(StableDiffusion):
 
 
 # model_index.json's `_class_name` -> the pipeline class that loads it
-PIPELINES = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
-             "StableDiffusionInpaintPipeline": StableDiffusion, "StableDiffusionXLInpaintPipeline": StableDiffusionXL}
+PIPELINES = {
+    "StableDiffusionPipeline": StableDiffusion,
+    "StableDiffusionXLPipeline": StableDiffusionXL,
+    "StableDiffusionInpaintPipeline": StableDiffusion,
+    "StableDiffusionXLInpaintPipeline": StableDiffusionXL,
+}
 
 
 def _noise_or(noise, shape, seeds, name, width, height):
@@ -497,8 +541,9 @@ def _noise_or(noise, shape, seeds, name, width, height):
     if noise is None:
         return mx.concatenate([mx.random.normal((1, *shape[1:]), key=mx.random.key(s)) for s in seeds])
     if tuple(noise.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} for {shape[0]} image(s) of {width}x{height}, "
-                         f"got {tuple(noise.shape)}")
+        raise ValueError(
+            f"{name} must have shape {shape} for {shape[0]} image(s) of {width}x{height}, got {tuple(noise.shape)}"
+        )
     return mx.array(noise, dtype=mx.float32)
 
 
@@ -508,8 +553,10 @@ def _strength_timesteps(timesteps, steps, strength):
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
     kept = min(int(steps * strength), steps)
     if kept < 1:
-        raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps "
-                         f"(steps * strength must be at least 1)")
+        raise ValueError(
+            f"strength {strength} leaves no step of {steps}: raise strength or steps "
+            f"(steps * strength must be at least 1)"
+        )
     return timesteps[steps - kept :]
 
 

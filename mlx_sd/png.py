@@ -64,7 +64,7 @@ def parse_a1111_parameters(text):
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative = True
-            line = line[len("Negative prompt:"):].strip()
+            line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
     # "Key: value" pairs separated by commas; values may be quoted (A1111 quotes values with commas)

@@ -155,7 +155,7 @@ def chunk_prompt(tokenizer, text, chunk_size=75, truncate=False, comma_backtrack
     split = _split_chunks(tokenizer, text, chunk_size, comma_backtrack)
     if truncate and len(split) > 1:
         cut = [t for tokens, _ in split[1:] for t in tokens]
-        warnings.warn(f"Prompt longer than one chunk; cut off: {tokenizer.decode(cut)!r}")
+        warnings.warn(f"Prompt longer than one chunk; cut off: {tokenizer.decode(cut)!r}", stacklevel=3)
         split = split[:1]
     ids = np.stack([_row(tokenizer, tokens, chunk_size) for tokens, _ in split])  # (n, chunk_size + 2)
     weights = np.ones(ids.shape, dtype=np.float32)

@@ -187,12 +187,24 @@ class EulerDiscreteScheduler(_SigmaScheduler):
     """Euler method of Karras et al. 2022 (Algorithm 2 without churn), diffusers `EulerDiscreteScheduler`."""
 
     defaults = dict(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-        prediction_type="epsilon", use_karras_sigmas=False, sigma_min=None, sigma_max=None,
-        timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+        prediction_type="epsilon",
+        use_karras_sigmas=False,
+        sigma_min=None,
+        sigma_max=None,
+        timestep_spacing="linspace",
+        steps_offset=0,
+        final_sigmas_type="zero",
     )
     unsupported = dict(
-        interpolation_type="linear", timestep_type="discrete", use_exponential_sigmas=False, use_beta_sigmas=False,
+        interpolation_type="linear",
+        timestep_type="discrete",
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
         rescale_betas_zero_snr=False,
     )
 
@@ -250,8 +262,14 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     """Euler ancestral sampling (k-diffusion `sample_euler_ancestral`), diffusers `EulerAncestralDiscreteScheduler`."""
 
     defaults = dict(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-        prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+        steps_offset=0,
     )
     unsupported = dict(rescale_betas_zero_snr=False)
     prediction_types = ("epsilon", "v_prediction")
@@ -276,8 +294,16 @@ class DDIMScheduler(_Scheduler):
     """Deterministic DDIM (eta = 0), Song et al. 2020 eq. 12, diffusers `DDIMScheduler`."""
 
     defaults = dict(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-        clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="epsilon",
         timestep_spacing="leading",
     )
     unsupported = dict(thresholding=False, rescale_betas_zero_snr=False)
@@ -332,14 +358,32 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     `DPMSolverMultistepScheduler` with algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"."""
 
     defaults = dict(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-        prediction_type="epsilon", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
-        sigma_min=None, sigma_max=None, final_sigmas_type="zero", lambda_min_clipped=-math.inf,
-        timestep_spacing="linspace", steps_offset=0,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+        prediction_type="epsilon",
+        lower_order_final=True,
+        euler_at_final=False,
+        use_karras_sigmas=False,
+        sigma_min=None,
+        sigma_max=None,
+        final_sigmas_type="zero",
+        lambda_min_clipped=-math.inf,
+        timestep_spacing="linspace",
+        steps_offset=0,
     )
     unsupported = dict(
-        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", thresholding=False, variance_type=None,
-        use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        thresholding=False,
+        variance_type=None,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_lu_lambdas=False,
+        use_flow_sigmas=False,
         rescale_betas_zero_snr=False,
     )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sd.weights import PICKLE_SUFFIXES
+from .weights import refuse_pickle
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -28,8 +28,10 @@ VAE = "first_stage_model."
 TEXT_ENCODERS = {
     "sd1": {"text_encoder": ("cond_stage_model.transformer.",)},
     "sd2": {"text_encoder": ("cond_stage_model.model.", "conditioner.embedders.0.model.")},
-    "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.",),
-             "text_encoder_2": ("conditioner.embedders.1.model.",)},
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.transformer.",),
+        "text_encoder_2": ("conditioner.embedders.1.model.",),
+    },
 }
 DROPPED = re.compile(
     r"betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|sqrt_recip(m1)?_alphas_cumprod"
@@ -39,13 +41,21 @@ DROPPED = re.compile(
 
 # UNet (convert_ldm_unet_checkpoint). Keys are `module.weight` / `module.bias`; these tables map modules.
 UNET_FIXED = {
-    "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL
-    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",  # SDXL
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
 }
 UNET_RESNET = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
 }
 # Transformer2DModel modules have the same names in both layouts (SD 1.x proj_in/proj_out are 1x1 convs in
 # both, SD 2.x/XL ones linear in both), so they are only checked.
@@ -55,9 +65,19 @@ UNET_TRANSFORMER = re.compile(
 
 # VAE (convert_ldm_vae_checkpoint).
 VAE_FIXED = {
-    "encoder.norm_out": "encoder.conv_norm_out", "decoder.norm_out": "decoder.conv_norm_out",
-    **{m: m for m in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
-                      "quant_conv", "post_quant_conv")},
+    "encoder.norm_out": "encoder.conv_norm_out",
+    "decoder.norm_out": "decoder.conv_norm_out",
+    **{
+        m: m
+        for m in (
+            "encoder.conv_in",
+            "encoder.conv_out",
+            "decoder.conv_in",
+            "decoder.conv_out",
+            "quant_conv",
+            "post_quant_conv",
+        )
+    },
 }
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -74,13 +94,16 @@ OPEN_CLIP_FIXED = {
     "ln_final.bias": "text_model.final_layer_norm.bias",
 }
 OPEN_CLIP_LAYER = {
-    "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
     "attn.out_proj": "self_attn.out_proj",
 }
 
 
 def detect_family(weights: dict) -> str:
-    """"sd1", "sd2" or "sdxl", from the text encoder keys (else the UNet's cross-attention width)."""
+    """ "sd1", "sd2" or "sdxl", from the text encoder keys (else the UNet's cross-attention width)."""
     keys = weights.keys()
 
     def has(prefix):
@@ -139,7 +162,7 @@ def split_components(weights: dict, family: str) -> dict[str, dict[str, mx.array
         if name is None:
             unknown.append(key)
         else:
-            parts[name][key[len(prefixes[name]):]] = value
+            parts[name][key[len(prefixes[name]) :]] = value
 
     components = {}
     for name, part in parts.items():
@@ -156,10 +179,7 @@ def split_components(weights: dict, family: str) -> dict[str, dict[str, mx.array
 def load_single_file(path) -> tuple[str, dict[str, dict[str, mx.array]]]:
     """Reads an LDM-layout `.safetensors` checkpoint: (family, split_components(...)). Never unpickles."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{path} is a pickle checkpoint; mlx_sd never unpickles files: use the .safetensors version of it"
-        )
+    refuse_pickle(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:

@@ -6,7 +6,6 @@ transformers/transformer_2d.py, attention.py, resnet.py and embeddings.py (diffu
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,9 +62,9 @@ class UNetConfig:
     freq_shift: float = 0
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    addition_embed_type: Optional[str] = None
-    addition_time_embed_dim: Optional[int] = None
-    projection_class_embeddings_input_dim: Optional[int] = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     sample_size: int = 64
 
     @classmethod

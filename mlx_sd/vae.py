@@ -236,9 +236,10 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         n = len(config.block_out_channels)
-        if list(config.down_block_types) != ["DownEncoderBlock2D"] * n or list(config.up_block_types) != [
-            "UpDecoderBlock2D"
-        ] * n:
+        if (
+            list(config.down_block_types) != ["DownEncoderBlock2D"] * n
+            or list(config.up_block_types) != ["UpDecoderBlock2D"] * n
+        ):
             raise ValueError(
                 f"unsupported VAE blocks {config.down_block_types} / {config.up_block_types}: "
                 f"expected {n} DownEncoderBlock2D and {n} UpDecoderBlock2D"
@@ -282,7 +283,10 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"overlap must be in [0, tile_size={tile_size}), got {overlap}")
         scale = 2 ** (len(self.config.block_out_channels) - 1)
         keep, fade = (tile_size - overlap) * scale, overlap * scale  # in pixels
-        row_starts, col_starts = tile_starts(z.shape[1], tile_size, overlap), tile_starts(z.shape[2], tile_size, overlap)
+        row_starts, col_starts = (
+            tile_starts(z.shape[1], tile_size, overlap),
+            tile_starts(z.shape[2], tile_size, overlap),
+        )
         rows, above = [], []
         for i, y in enumerate(row_starts):
             row = []

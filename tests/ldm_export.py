@@ -12,17 +12,28 @@ import torch
 from safetensors.torch import save_file
 
 UNET_FIXED = {
-    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
 }
 UNET_RESNET = {
-    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
 }
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 OPEN_CLIP_LAYER = {
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
 
@@ -64,10 +75,14 @@ def vae_to_ldm(sd):
         new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-                     lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                     lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.block.", new
+        )
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.upsample.",
+            new,
+        )
         new = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
         if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
             new = f"{m[1]}.mid.attn_1.{VAE_ATTENTION[m[2]]}.{m[3]}"
@@ -136,8 +151,11 @@ def ldm_extras(unet_ldm, sgm=False):
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
     buffers = {
-        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
         "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
         "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
         "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),

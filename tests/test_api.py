@@ -6,14 +6,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from test_pipeline import assert_images_close, run_both
-from tiny_models import make_pipeline
 
+from helpers import assert_images_close, make_pipeline, run_both
 from mlx_sd import GenerationCancelled, StableDiffusion
 from mlx_sd.prompts import chunk_prompt
 
-LONG = ", ".join(f"a detailed {w} in the style of an old master" for w in
-                 ["castle", "river", "forest", "mountain", "village", "bridge", "harbour", "meadow", "lighthouse"])
+LONG = ", ".join(
+    f"a detailed {w} in the style of an old master"
+    for w in ["castle", "river", "forest", "mountain", "village", "bridge", "harbour", "meadow", "lighthouse"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,9 @@ def test_decode_preview_is_the_linear_latent_map(sd1):
     latents = np.concatenate([np.broadcast_to(colours[0], (1, 4, 3, 4)), np.broadcast_to(colours[1], (1, 4, 3, 4))], 2)
     preview = np.asarray(ours.decode_preview(mx.array(latents))[0], np.float64)
     assert preview.shape == (32, 48, 3)
-    factors = np.array([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                        [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
+    factors = np.array(
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+    )
     rgb = np.clip((colours @ factors) / 2 + 0.5, 0, 1) * 255
     np.testing.assert_allclose(preview[:, :16], np.broadcast_to(rgb[0], (32, 16, 3)), atol=1)
     np.testing.assert_allclose(preview[:, -16:], np.broadcast_to(rgb[1], (32, 16, 3)), atol=1)

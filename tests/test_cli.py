@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import make_pipeline
 
+from helpers import make_pipeline
 from mlx_sd import StableDiffusion
 from mlx_sd.cli import cli
 
@@ -23,17 +23,35 @@ def run(*args):
 
 def test_generate_writes_the_api_image_with_parameters(model, tmp_path):
     out = tmp_path / "cat.png"
-    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 48, "--steps", 2,
-                 "--dtype", "float32", "--negative-prompt", "dog", "-o", out)
+    result = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        0,
+        "-W",
+        32,
+        "-H",
+        48,
+        "--steps",
+        2,
+        "--dtype",
+        "float32",
+        "--negative-prompt",
+        "dog",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert f"seed 0: {out}" in result.output
     image = Image.open(out)
     expected = StableDiffusion.from_pretrained(model, dtype="float32").generate(
-        "a cat", negative_prompt="dog", width=32, height=48, steps=2, seed=0)[0]
+        "a cat", negative_prompt="dog", width=32, height=48, steps=2, seed=0
+    )[0]
     assert np.array_equal(np.asarray(image), np.asarray(expected))
     assert image.text["parameters"] == (
-        "a cat\nNegative prompt: dog\n"
-        f"Steps: 2, Sampler: Euler, CFG scale: 0, Seed: 0, Size: 32x48, Model: {model}"
+        f"a cat\nNegative prompt: dog\nSteps: 2, Sampler: Euler, CFG scale: 0, Seed: 0, Size: 32x48, Model: {model}"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temporary file left behind
 
@@ -41,23 +59,27 @@ def test_generate_writes_the_api_image_with_parameters(model, tmp_path):
 def test_generate_never_overwrites(model, tmp_path):
     out = tmp_path / "img.png"
     out.write_bytes(b"keep me")
-    result = run("generate", "a cat", "--model", model, "--seed", 3, "-W", 32, "-H", 32, "-n", 2,
-                 "--dtype", "float32", "-o", out)
+    result = run(
+        "generate", "a cat", "--model", model, "--seed", 3, "-W", 32, "-H", 32, "-n", 2, "--dtype", "float32", "-o", out
+    )
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png", "img-2.png", "img.png"]
     assert "seed 3:" in result.output and "seed 4:" in result.output
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (["-W", "30"], 2, "must be a positive multiple of 8"),
-    (["--steps", "0"], 2, "must be at least 1"),
-    (["--cfg", "-1"], 2, "must be at least 0"),
-    (["--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of: euler (Euler), euler_a (Euler a)"),
-    (["-o", "out.jpg"], 2, "output must be a .png file"),
-    (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
-    (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["-W", "30"], 2, "must be a positive multiple of 8"),
+        (["--steps", "0"], 2, "must be at least 1"),
+        (["--cfg", "-1"], 2, "must be at least 0"),
+        (["--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of: euler (Euler), euler_a (Euler a)"),
+        (["-o", "out.jpg"], 2, "output must be a .png file"),
+        (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
+        (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(model, tmp_path, args, code, message):
     result = run("generate", "a cat", "--model", model, *args)
     assert result.exit_code == code
@@ -98,22 +120,64 @@ def test_output_patterns_folders_and_overwrite(model, tmp_path):
     before = (folder / "10.png").read_bytes()
     (folder / "10.png").write_bytes(b"old")
     assert run(*args, "-o", folder, "--overwrite").exit_code == 0
-    assert (folder / "10.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["10.png", "11.png"]
+    assert (folder / "10.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == [
+        "10.png",
+        "11.png",
+    ]
 
 
 def test_batches_give_the_same_images_as_one_by_one(model, tmp_path):
-    common = ["generate", "a cat", "--model", model, "--seed", 5, "-W", 32, "-H", 32, "-n", 3, "--dtype", "float32",
-              "--sampler", "Euler a", "--steps", 2]
+    common = [
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        5,
+        "-W",
+        32,
+        "-H",
+        32,
+        "-n",
+        3,
+        "--dtype",
+        "float32",
+        "--sampler",
+        "Euler a",
+        "--steps",
+        2,
+    ]
     assert run(*common, "--batch-size", 3, "-o", tmp_path / "b-{index}.png").exit_code == 0
     assert run(*common, "-o", tmp_path / "s-{index}.png").exit_code == 0
     for i in range(3):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / f"b-{i}.png")), np.asarray(Image.open(tmp_path / f"s-{i}.png")))
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / f"b-{i}.png")), np.asarray(Image.open(tmp_path / f"s-{i}.png"))
+        )
     assert Image.open(tmp_path / "b-0.png").text["parameters"].count("Sampler: Euler a,") == 1
 
 
 def test_grid_is_one_contact_sheet(model, tmp_path):
-    result = run("generate", "a cat", "--model", model, "--seed", 1, "-W", 32, "-H", 32, "-n", 3, "--batch-size", 3,
-                 "--dtype", "float32", "--grid", "-o", tmp_path / "grid.png")
+    result = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        1,
+        "-W",
+        32,
+        "-H",
+        32,
+        "-n",
+        3,
+        "--batch-size",
+        3,
+        "--dtype",
+        "float32",
+        "--grid",
+        "-o",
+        tmp_path / "grid.png",
+    )
     assert result.exit_code == 0, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
     assert Image.open(tmp_path / "grid.png").size == (64, 64)  # 2 x 2 cells of 32 x 32
@@ -121,9 +185,32 @@ def test_grid_is_one_contact_sheet(model, tmp_path):
 
 def test_from_png_reproduces_the_pixels(model, tmp_path):
     first = tmp_path / "first.png"
-    result = run("generate", "a (red:1.2) cat", "--model", model, "--seed", 42, "-W", 40, "-H", 32, "--steps", 3,
-                 "--cfg", 2.5, "--sampler", "DPM++ 2M Karras", "--negative-prompt", "blurry, dog", "--clip-skip", 2,
-                 "--dtype", "float32", "-o", first)
+    result = run(
+        "generate",
+        "a (red:1.2) cat",
+        "--model",
+        model,
+        "--seed",
+        42,
+        "-W",
+        40,
+        "-H",
+        32,
+        "--steps",
+        3,
+        "--cfg",
+        2.5,
+        "--sampler",
+        "DPM++ 2M Karras",
+        "--negative-prompt",
+        "blurry, dog",
+        "--clip-skip",
+        2,
+        "--dtype",
+        "float32",
+        "-o",
+        first,
+    )
     assert result.exit_code == 0, result.output
     again = tmp_path / "again.png"
     result = run("generate", "--from-png", first, "--dtype", "float32", "-o", again)
@@ -145,15 +232,47 @@ def test_from_png_without_parameters_is_a_usage_error(tmp_path):
 
 
 def test_verbose_prints_timings_and_peak_memory(model, tmp_path):
-    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
-                 "--verbose", "-o", tmp_path / "v.png")
+    result = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        0,
+        "-W",
+        32,
+        "-H",
+        32,
+        "--dtype",
+        "float32",
+        "--verbose",
+        "-o",
+        tmp_path / "v.png",
+    )
     assert result.exit_code == 0
     assert "text_encoder" in result.output and "denoise" in result.output and "peak memory" in result.output
 
 
 def test_preview_writes_a_preview_image(model, tmp_path):
-    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--steps", 2,
-                 "--dtype", "float32", "--preview", "-o", tmp_path / "p.png")
+    result = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        0,
+        "-W",
+        32,
+        "-H",
+        32,
+        "--steps",
+        2,
+        "--dtype",
+        "float32",
+        "--preview",
+        "-o",
+        tmp_path / "p.png",
+    )
     assert result.exit_code == 0
     assert Image.open(tmp_path / "p.preview.png").size == (32, 32)
 
@@ -186,11 +305,31 @@ def test_image_to_image_and_inpainting_from_files(model, tmp_path):
     mask[8:24, 16:40] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     pipe = StableDiffusion.from_pretrained(model, dtype="float32")
-    for extra, kwargs in [([], {}), (["--mask", tmp_path / "mask.png", "--mask-blur", 1],
-                                     {"mask": tmp_path / "mask.png", "mask_blur": 1})]:
+    for extra, kwargs in [
+        ([], {}),
+        (["--mask", tmp_path / "mask.png", "--mask-blur", 1], {"mask": tmp_path / "mask.png", "mask_blur": 1}),
+    ]:
         out = tmp_path / "out.png"
-        result = run("generate", "a cat", "--model", model, "--seed", 4, "--steps", 4, "--strength", 0.5, "--dtype",
-                     "float32", "--image", tmp_path / "in.png", *extra, "-o", out, "--overwrite")
+        result = run(
+            "generate",
+            "a cat",
+            "--model",
+            model,
+            "--seed",
+            4,
+            "--steps",
+            4,
+            "--strength",
+            0.5,
+            "--dtype",
+            "float32",
+            "--image",
+            tmp_path / "in.png",
+            *extra,
+            "-o",
+            out,
+            "--overwrite",
+        )
         assert result.exit_code == 0, result.output
         expected = pipe.generate("a cat", seed=4, steps=4, strength=0.5, image=tmp_path / "in.png", **kwargs)[0]
         assert expected.size == (48, 40)
@@ -198,10 +337,13 @@ def test_image_to_image_and_inpainting_from_files(model, tmp_path):
         assert "Denoising strength: 0.5" in Image.open(out).text["parameters"]
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (["--mask", "m.png"], 2, "--mask needs --image"),
-    (["--strength", "1.5", "--image", "x.png"], 2, "1.5 is not in the range 0<=x<=1"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--mask", "m.png"], 2, "--mask needs --image"),
+        (["--strength", "1.5", "--image", "x.png"], 2, "1.5 is not in the range 0<=x<=1"),
+    ],
+)
 def test_image_usage_errors(model, args, code, message):
     result = run("generate", "a cat", "--model", model, *args)
     assert result.exit_code == code and message in result.output
@@ -226,11 +368,41 @@ def test_ctrl_c_leaves_no_partial_file(model, tmp_path, monkeypatch):
 
 
 def test_quantize_flag_loads_a_quantized_model(model, tmp_path):
-    result = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
-                 "-q", 8, "-o", tmp_path / "q.png")
+    result = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        0,
+        "-W",
+        32,
+        "-H",
+        32,
+        "--dtype",
+        "float32",
+        "-q",
+        8,
+        "-o",
+        tmp_path / "q.png",
+    )
     assert result.exit_code == 0, result.output
-    full = run("generate", "a cat", "--model", model, "--seed", 0, "-W", 32, "-H", 32, "--dtype", "float32",
-               "-o", tmp_path / "f.png")
+    full = run(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--seed",
+        0,
+        "-W",
+        32,
+        "-H",
+        32,
+        "--dtype",
+        "float32",
+        "-o",
+        tmp_path / "f.png",
+    )
     assert full.exit_code == 0
     a = np.asarray(Image.open(tmp_path / "q.png"), np.float64)
     b = np.asarray(Image.open(tmp_path / "f.png"), np.float64)
@@ -245,8 +417,24 @@ def test_convert_then_generate_from_the_converted_folder(model, tmp_path):
     images = {}
     for name, folder in (("original", model), ("converted", converted)):
         out = tmp_path / f"{name}.png"
-        result = run("generate", "a cat", "--model", folder, "--seed", 3, "-W", 32, "-H", 32, "--steps", 2,
-                     "--dtype", "float32", "-o", out)
+        result = run(
+            "generate",
+            "a cat",
+            "--model",
+            folder,
+            "--seed",
+            3,
+            "-W",
+            32,
+            "-H",
+            32,
+            "--steps",
+            2,
+            "--dtype",
+            "float32",
+            "-o",
+            out,
+        )
         assert result.exit_code == 0, result.output
         images[name] = np.asarray(Image.open(out))
     assert np.array_equal(images["original"], images["converted"])
@@ -256,8 +444,25 @@ def test_convert_then_generate_from_the_converted_folder(model, tmp_path):
 
 def test_tiled_decode_flag(model, tmp_path):
     out = tmp_path / "wide.png"
-    result = run("generate", "a wide harbour", "--model", model, "--seed", 1, "-W", 576, "-H", 32, "--steps", 1,
-                 "--dtype", "float32", "--tiled-decode", "-o", out)
+    result = run(
+        "generate",
+        "a wide harbour",
+        "--model",
+        model,
+        "--seed",
+        1,
+        "-W",
+        576,
+        "-H",
+        32,
+        "--steps",
+        1,
+        "--dtype",
+        "float32",
+        "--tiled-decode",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     pipe = StableDiffusion.from_pretrained(model, dtype="float32")
     kwargs = dict(width=576, height=32, steps=1, seed=1)

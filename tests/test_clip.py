@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import SD15, SD21, SDXL, real_config, to_mx, to_np
 
+from helpers import SD15, SD21, SDXL, real_config, to_mx, to_np
 from mlx_sd.clip import CLIPTextConfig, CLIPTextModel, sanitize
 from mlx_sd.weights import ModelLoadError, load_strict, read_json, read_safetensors
 
@@ -170,9 +170,24 @@ def test_config_from_real_configs():
     sd15 = CLIPTextConfig.from_dict(real_config(SD15, "text_encoder"))
     sd21 = CLIPTextConfig.from_dict(real_config(SD21, "text_encoder"))
     sdxl2 = CLIPTextConfig.from_dict(real_config(SDXL, "text_encoder_2"))
-    assert (sd15.hidden_size, sd15.num_hidden_layers, sd15.hidden_act, sd15.with_projection) == (768, 12, "quick_gelu", False)
-    assert (sd21.hidden_size, sd21.num_hidden_layers, sd21.hidden_act, sd21.with_projection) == (1024, 23, "gelu", False)
-    assert (sdxl2.hidden_size, sdxl2.num_hidden_layers, sdxl2.projection_dim, sdxl2.with_projection) == (1280, 32, 1280, True)
+    assert (sd15.hidden_size, sd15.num_hidden_layers, sd15.hidden_act, sd15.with_projection) == (
+        768,
+        12,
+        "quick_gelu",
+        False,
+    )
+    assert (sd21.hidden_size, sd21.num_hidden_layers, sd21.hidden_act, sd21.with_projection) == (
+        1024,
+        23,
+        "gelu",
+        False,
+    )
+    assert (sdxl2.hidden_size, sdxl2.num_hidden_layers, sdxl2.projection_dim, sdxl2.with_projection) == (
+        1280,
+        32,
+        1280,
+        True,
+    )
     assert sd15.eos_token_id == sd21.eos_token_id == sdxl2.eos_token_id == 2
 
 

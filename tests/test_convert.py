@@ -16,18 +16,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CONFIGS, SD15, SD21, SD21_BASE, SDXL
-from ldm_export import export_ldm
 from mlx.utils import tree_flatten
-from test_pipeline import assert_images_close, run_both
-from tiny_models import make_pipeline
 
-from mlx_sd import ModelLoadError, StableDiffusion
+from helpers import CONFIGS, SD15, SD21, SD21_BASE, SDXL, assert_images_close, make_pipeline, run_both
+from ldm_export import export_ldm
+from mlx_sd import ModelLoadError, StableDiffusion, loading
 from mlx_sd import convert as convert_module
-from mlx_sd import loading
 from mlx_sd.convert import convert, convert_command
 from mlx_sd.info import describe
-from mlx_sd.weights import quantize_model
+from mlx_sd.quantize import quantize_model
 
 LDM_FAMILY = {"sd1": "sd1", "sd2v": "sd2", "sdxl": "sdxl"}
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
@@ -61,8 +58,12 @@ LATENTS = mx.array(np.random.default_rng(0).standard_normal((1, 6, 8, 4)).astype
 
 
 def parameters(pipe):
-    return {f"{n}.{k}": v for n in COMPONENTS if getattr(pipe, n, None) is not None
-            for k, v in tree_flatten(getattr(pipe, n).parameters())}
+    return {
+        f"{n}.{k}": v
+        for n in COMPONENTS
+        if getattr(pipe, n, None) is not None
+        for k, v in tree_flatten(getattr(pipe, n).parameters())
+    }
 
 
 def assert_same_parameters(a, b):
@@ -132,8 +133,11 @@ def test_bundled_configs_are_the_real_ones():
     for name, model in real.items():
         bundled = loading.CONFIGS / name
         files = sorted(str(f.relative_to(bundled)) for f in bundled.rglob("*") if f.is_file())
-        assert files == sorted(str(f.relative_to(CONFIGS / model)) for f in (CONFIGS / model).rglob("*")
-                               if f.is_file() and not f.is_relative_to(CONFIGS / model / "vae_1_0")), name
+        assert files == sorted(
+            str(f.relative_to(CONFIGS / model))
+            for f in (CONFIGS / model).rglob("*")
+            if f.is_file() and not f.is_relative_to(CONFIGS / model / "vae_1_0")
+        ), name
         for f in files:
             assert (bundled / f).read_bytes() == (CONFIGS / model / f).read_bytes(), f"{name}/{f}"
     assert loading.bundled_config("sd2", "v_prediction") == loading.CONFIGS / "sd2-v"
@@ -157,14 +161,21 @@ def test_sd2_single_file_needs_the_prediction_type(tiny, tmp_path):
 
 def quantizable(pipe, name, group_size):
     """Paths of the layers mlx_sd quantizes: Linear and token embeddings whose input width divides into groups."""
-    return sorted(path for path, m in getattr(pipe, name).named_modules()
-                  if isinstance(m, (nn.Linear, nn.Embedding)) and not path.endswith("position_embedding")
-                  and m.weight.shape[-1] % group_size == 0)
+    return sorted(
+        path
+        for path, m in getattr(pipe, name).named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding))
+        and not path.endswith("position_embedding")
+        and m.weight.shape[-1] % group_size == 0
+    )
 
 
 def quantized(pipe, name):
-    return sorted(path for path, m in getattr(pipe, name).named_modules()
-                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+    return sorted(
+        path
+        for path, m in getattr(pipe, name).named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    )
 
 
 def test_quantized_models_load_and_generate(tiny, tmp_path):
@@ -206,10 +217,14 @@ def test_quantized_convolutions(tiny, bits, tmp_path):
     (Linear only: 0.05, 1); 4-bit 1.55/255 mean, 11/255 max (Linear only: 0.62, 4)."""
     _, folder, _ = tiny("sd1")
     linear_only = convert(folder, tmp_path / "linear", dtype="float32", quantize=bits, q_group_size=32)
-    out = convert(folder, tmp_path / "convs", dtype="float32", quantize=bits, q_group_size=32,
-                  quantize_convolutions=True)
+    out = convert(
+        folder, tmp_path / "convs", dtype="float32", quantize=bits, q_group_size=32, quantize_convolutions=True
+    )
     assert json.loads((out / "unet" / "config.json").read_text())["quantization"] == {
-        "group_size": 32, "bits": bits, "convolutions": True}
+        "group_size": 32,
+        "bits": bits,
+        "convolutions": True,
+    }
     assert folder_bytes(out, "unet") < 0.8 * folder_bytes(linear_only, "unet")
     assert folder_bytes(out, "text_encoder") == folder_bytes(linear_only, "text_encoder")  # UNet only
     pipe = StableDiffusion.from_pretrained(out, dtype="float32")
@@ -227,8 +242,10 @@ def test_quantized_convolutions(tiny, bits, tmp_path):
     assert np.array_equal(image, generate(in_memory, LATENTS))
     linear_diff = np.abs(generate(StableDiffusion.from_pretrained(linear_only, dtype="float32"), LATENTS) - expected)
     diff = np.abs(image - expected)
-    print(f"\n{bits}-bit vs float: convolutions too {diff.mean():.2f}/255 mean, {diff.max():.0f}/255 max; "
-          f"Linear only {linear_diff.mean():.2f}, {linear_diff.max():.0f}")
+    print(
+        f"\n{bits}-bit vs float: convolutions too {diff.mean():.2f}/255 mean, {diff.max():.0f}/255 max; "
+        f"Linear only {linear_diff.mean():.2f}, {linear_diff.max():.0f}"
+    )
     assert 0 < diff.mean() <= (0.5 if bits == 8 else 4)
 
 
@@ -241,10 +258,12 @@ def test_quantize_at_load_equals_quantized_conversion(tiny, bits, tmp_path):
     assert quantized(at_load, "unet")
     assert_same_parameters(converted, at_load)
     assert np.array_equal(generate(converted, LATENTS), generate(at_load, LATENTS))
-    # low_memory reloads the text encoders quantized
+    # low_memory reloads the text encoders quantized (compared on the same low_memory path: its guidance halves run
+    # as batch-1 UNet calls, whose 4-bit matrix products may round differently from the batch-2 ones)
     lean = StableDiffusion.from_pretrained(folder, dtype="float32", quantize=bits, low_memory=True)
+    converted_lean = StableDiffusion.from_pretrained(out, dtype="float32", low_memory=True)
     for _ in range(2):
-        assert np.array_equal(generate(lean, LATENTS), generate(converted, LATENTS))
+        assert np.array_equal(generate(lean, LATENTS), generate(converted_lean, LATENTS))
     with pytest.raises(ModelLoadError, match="already quantized"):
         StableDiffusion.from_pretrained(out, quantize=bits)
 
@@ -309,10 +328,10 @@ class Payload:
 
 def test_pickle_checkpoints_are_refused_unread(tiny, tmp_path):
     marker = tmp_path / "unpickled"
-    for suffix in (".ckpt", ".bin", ".pt", ".pth"):
+    for suffix in (".ckpt", ".bin", ".pt", ".pth", ".CKPT"):
         path = tmp_path / f"model{suffix}"
         path.write_bytes(pickle.dumps(Payload(marker)))
-        with pytest.raises(ValueError, match="never unpickles files: use a .safetensors file"):
+        with pytest.raises(ModelLoadError, match="never unpickles files: use a .safetensors file"):
             convert(path, tmp_path / "mlx")
     assert not marker.exists() and not (tmp_path / "mlx").exists()
     # a diffusers folder holding pickle weights only
@@ -323,8 +342,9 @@ def test_pickle_checkpoints_are_refused_unread(tiny, tmp_path):
             target = pickled / f.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             if f.suffix == ".safetensors":
-                target = target.with_name("pytorch_model.bin" if "text_encoder" in str(target) else
-                                          "diffusion_pytorch_model.bin")
+                target = target.with_name(
+                    "pytorch_model.bin" if "text_encoder" in str(target) else "diffusion_pytorch_model.bin"
+                )
                 target.write_bytes(pickle.dumps(Payload(marker)))
             else:
                 target.write_bytes(f.read_bytes())
@@ -339,8 +359,10 @@ def test_corrupt_and_unrecognised_files(tiny, tmp_path):
     cases = {
         "truncated.safetensors": (data[: len(data) // 2], "not a valid safetensors file"),
         "garbage.safetensors": (b"\x00" * 64, "not a valid safetensors file"),
-        "lora.safetensors": (None, "not a Stable Diffusion checkpoint in the original LDM layout: expected "
-                                   "model.diffusion_model"),
+        "lora.safetensors": (
+            None,
+            "not a Stable Diffusion checkpoint in the original LDM layout: expected model.diffusion_model",
+        ),
         "notes.txt": (b"hello", "expected a single-file .safetensors checkpoint or a model folder"),
     }
     for name, (content, message) in cases.items():
@@ -404,7 +426,9 @@ def test_cli(tiny, tmp_path):
     result = runner.invoke(convert_command, [str(folder), str(tmp_path / "q")])
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith("Error: ") and "already exists; pass --force" in result.output
-    result = runner.invoke(convert_command, [str(folder), str(tmp_path / "c"), "-q", "--q-convs", "--q-group-size", "32"])
+    result = runner.invoke(
+        convert_command, [str(folder), str(tmp_path / "c"), "-q", "--q-convs", "--q-group-size", "32"]
+    )
     assert result.exit_code == 0 and "(8-bit, group size 32, convolutions quantized)" in result.output, result.output
     assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["quantization"]["convolutions"]
     assert any("quantized 8-bit (group 32) with convolutions" in line for line in describe(tmp_path / "c"))

@@ -22,8 +22,9 @@ def processors():
 
     image_processor = VaeImageProcessor(vae_scale_factor=8)
     # StableDiffusionInpaintPipeline / StableDiffusionXLInpaintPipeline.__init__
-    mask_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
-                                       do_convert_grayscale=True)
+    mask_processor = VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
     return image_processor, mask_processor
 
 
@@ -49,8 +50,15 @@ def images(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(_noise(rng, 53, 37, 3)).save(folder / "rotated.jpg", exif=exif)
-    return {"rgb": rgb, "rgba": rgba, "gray": gray, "palette": palette, "png": str(folder / "rgba.png"),
-            "jpeg": str(folder / "photo.jpg"), "rotated_jpeg": folder / "rotated.jpg"}
+    return {
+        "rgb": rgb,
+        "rgba": rgba,
+        "gray": gray,
+        "palette": palette,
+        "png": str(folder / "rgba.png"),
+        "jpeg": str(folder / "photo.jpg"),
+        "rotated_jpeg": folder / "rotated.jpg",
+    }
 
 
 def _reference_image(processor, image, width=None, height=None):
@@ -167,12 +175,15 @@ def test_valid_image_and_mask_pass_the_check(images, masks):
     check_image_and_mask(images["png"], masks["png"])
 
 
-@pytest.mark.parametrize("mask,message", [
-    (Image.new("L", (64, 45), 255), "same size: image is 67x45, mask is 64x45"),
-    (Image.new("RGB", (45, 67), "white"), "same size"),
-    (Image.new("L", (67, 45), 0), "mask is empty"),
-    (Image.new("RGB", (67, 45), (127, 127, 127)), "mask is empty"),  # binarizes to all zeros
-])
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        (Image.new("L", (64, 45), 255), "same size: image is 67x45, mask is 64x45"),
+        (Image.new("RGB", (45, 67), "white"), "same size"),
+        (Image.new("L", (67, 45), 0), "mask is empty"),
+        (Image.new("RGB", (67, 45), (127, 127, 127)), "mask is empty"),  # binarizes to all zeros
+    ],
+)
 def test_bad_masks_raise_one_line_errors(images, mask, message):
     with pytest.raises(ValueError, match=message) as error:
         check_image_and_mask(images["rgb"], mask)
@@ -185,10 +196,18 @@ def test_unreadable_files_raise_one_line_errors(tmp_path):
     truncated = tmp_path / "cut.png"
     Image.new("RGB", (64, 64), "red").save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
-    for path, reason in [(text, "not an image file"), (tmp_path / "missing.png", "No such file"),
-                         (tmp_path, "Is a directory"), (truncated, "")]:
-        for call in (lambda p: load_image(p), lambda p: preprocess_image(p, 64, 64),
-                     lambda p: preprocess_mask(p, 64, 64), lambda p: check_image_and_mask(p, p)):
+    for path, reason in [
+        (text, "not an image file"),
+        (tmp_path / "missing.png", "No such file"),
+        (tmp_path, "Is a directory"),
+        (truncated, ""),
+    ]:
+        for call in (
+            lambda p: load_image(p),
+            lambda p: preprocess_image(p, 64, 64),
+            lambda p: preprocess_mask(p, 64, 64),
+            lambda p: check_image_and_mask(p, p),
+        ):
             with pytest.raises(ValueError, match=f"cannot read image {path}: {reason}") as error:
                 call(path)
             assert "\n" not in str(error.value)

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import DIFFUSERS_SCHEDULERS, assert_images_close
-from tiny_models import XL, make_pipeline
 
+from helpers import DIFFUSERS_SCHEDULERS, XL, assert_images_close, make_pipeline
 from mlx_sd import StableDiffusion
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -75,7 +74,9 @@ def pipelines(tmp_path_factory):
                 components["unet"] = _inpainting_unet(components["unet"])
                 components["unet"].save_pretrained(folder / "unet", safe_serialization=True)
                 index = json.loads((folder / "model_index.json").read_text())
-                index["_class_name"] = "StableDiffusionXLInpaintPipeline" if family in XL else "StableDiffusionInpaintPipeline"
+                index["_class_name"] = (
+                    "StableDiffusionXLInpaintPipeline" if family in XL else "StableDiffusionInpaintPipeline"
+                )
                 (folder / "model_index.json").write_text(json.dumps(index, indent=2))
             cache[key] = (components, StableDiffusion.from_pretrained(folder, dtype="float32"))
         return cache[key]
@@ -123,9 +124,25 @@ def _injected(monkeypatch, pipe, noise, image_noise):
         yield draws
 
 
-def run_both(monkeypatch, pipelines, family, sampler, steps, strength, guidance_scale=7.5, num_images=1, mask=None,
-             mask_blur=0, inpainting_unet=False, width=None, height=None, image=None, negative_prompt="",
-             ours_image=None, ours_mask=None):
+def run_both(
+    monkeypatch,
+    pipelines,
+    family,
+    sampler,
+    steps,
+    strength,
+    guidance_scale=7.5,
+    num_images=1,
+    mask=None,
+    mask_blur=0,
+    inpainting_unet=False,
+    width=None,
+    height=None,
+    image=None,
+    negative_prompt="",
+    ours_image=None,
+    ours_mask=None,
+):
     """Runs diffusers' Img2Img (no mask) or Inpaint pipeline and mlx_sd; returns (ours, expected) as float arrays.
 
     mlx_sd gets `ours_image` / `ours_mask` (e.g. the file) where given, else the same PIL images as diffusers."""
@@ -145,31 +162,51 @@ def run_both(monkeypatch, pipelines, family, sampler, steps, strength, guidance_
     image_noise = np.repeat(rng.standard_normal((1, *shape[1:])).astype(np.float32), num_images, axis=0)
     to_torch = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
 
-    kwargs = dict(negative_prompt=negative_prompt or None, num_inference_steps=steps, strength=strength,
-                  guidance_scale=guidance_scale, num_images_per_prompt=num_images)
+    kwargs = dict(
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        strength=strength,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=num_images,
+    )
     if task == "Inpaint":
         diffusers_mask = reference.mask_processor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
         kwargs.update(mask_image=diffusers_mask, width=width, height=height)
         if mask_blur:  # the blur must reach the latent-resolution mask, or the case tests nothing about it
-            sharp, blurred = (reference.mask_processor.preprocess(m, height=height, width=width)[..., ::8, ::8]
-                              for m in (mask, diffusers_mask))
+            sharp, blurred = (
+                reference.mask_processor.preprocess(m, height=height, width=width)[..., ::8, ::8]
+                for m in (mask, diffusers_mask)
+            )
             assert not torch.equal(sharp, blurred)
     with _injected(monkeypatch, reference, to_torch(noise), to_torch(image_noise)[:1]) as draws, torch.no_grad():
         expected = reference(PROMPT, image=image, **kwargs).images
     assert draws["noise"] == 1 and draws["posterior"] >= 1
 
-    images = ours.generate(PROMPT, negative_prompt=negative_prompt, image=image if ours_image is None else ours_image,
-                           strength=strength, mask=mask if ours_mask is None else ours_mask,
-                           mask_blur=mask_blur, width=width if task == "Inpaint" else None,
-                           height=height if task == "Inpaint" else None, steps=steps,
-                           guidance_scale=guidance_scale, sampler=sampler, seed=0, num_images=num_images,
-                           latents=mx.array(noise), image_noise=mx.array(image_noise))
+    images = ours.generate(
+        PROMPT,
+        negative_prompt=negative_prompt,
+        image=image if ours_image is None else ours_image,
+        strength=strength,
+        mask=mask if ours_mask is None else ours_mask,
+        mask_blur=mask_blur,
+        width=width if task == "Inpaint" else None,
+        height=height if task == "Inpaint" else None,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        seed=0,
+        num_images=num_images,
+        latents=mx.array(noise),
+        image_noise=mx.array(image_noise),
+    )
     ours_array = np.stack([np.asarray(i, np.float64) for i in images])
     expected_array = np.stack([np.asarray(i, np.float64) for i in expected])
     diff = np.abs(ours_array - expected_array) if ours_array.shape == expected_array.shape else None
     if diff is not None:
-        print(f"{family} {task} {sampler} steps={steps} strength={strength}: "
-              f"mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
+        print(
+            f"{family} {task} {sampler} steps={steps} strength={strength}: "
+            f"mean {diff.mean():.4f}/255, max {diff.max():.0f}/255"
+        )
     return ours_array, expected_array
 
 
@@ -195,8 +232,18 @@ def test_img2img_from_a_file_with_a_negative_prompt(monkeypatch, pipelines, tmp_
     _test_image(45, 61, seed=3).save(path)
     # diffusers is given the PIL image, mlx_sd the path: loading must not change it
     # the SD img2img default strength: int(4 * 0.8) = 3 of 4 steps
-    ours, expected = run_both(monkeypatch, pipelines, "sd1", "euler", 4, 0.8, 7.5, image=Image.open(path).convert("RGB"),
-                              ours_image=path, negative_prompt="blurry")
+    ours, expected = run_both(
+        monkeypatch,
+        pipelines,
+        "sd1",
+        "euler",
+        4,
+        0.8,
+        7.5,
+        image=Image.open(path).convert("RGB"),
+        ours_image=path,
+        negative_prompt="blurry",
+    )
     assert expected.shape[1:3] == (56, 40)
     assert_images_close(ours, expected)
 
@@ -214,13 +261,27 @@ INPAINT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,inpainting_unet,sampler,steps,strength,guidance,num_images,mask_blur,size",
-                         INPAINT_CASES)
-def test_inpaint_matches_diffusers(monkeypatch, pipelines, family, inpainting_unet, sampler, steps, strength, guidance,
-                                   num_images, mask_blur, size):
-    ours, expected = run_both(monkeypatch, pipelines, family, sampler, steps, strength, guidance, num_images,
-                              mask=_test_mask(), mask_blur=mask_blur, inpainting_unet=inpainting_unet,
-                              width=size[0], height=size[1])
+@pytest.mark.parametrize(
+    "family,inpainting_unet,sampler,steps,strength,guidance,num_images,mask_blur,size", INPAINT_CASES
+)
+def test_inpaint_matches_diffusers(
+    monkeypatch, pipelines, family, inpainting_unet, sampler, steps, strength, guidance, num_images, mask_blur, size
+):
+    ours, expected = run_both(
+        monkeypatch,
+        pipelines,
+        family,
+        sampler,
+        steps,
+        strength,
+        guidance,
+        num_images,
+        mask=_test_mask(),
+        mask_blur=mask_blur,
+        inpainting_unet=inpainting_unet,
+        width=size[0],
+        height=size[1],
+    )
     assert_images_close(ours, expected)
 
 
@@ -228,8 +289,20 @@ def test_inpaint_with_a_mask_file(monkeypatch, pipelines, tmp_path):
     path = tmp_path / "mask.png"
     _test_mask().convert("RGB").save(path)
     # diffusers is given what diffusers.utils.load_image makes of the file, mlx_sd the path
-    ours, expected = run_both(monkeypatch, pipelines, "sd1", "euler", 4, 1.0, 7.5, mask=Image.open(path).convert("RGB"),
-                              ours_mask=str(path), inpainting_unet=True, width=64, height=48)
+    ours, expected = run_both(
+        monkeypatch,
+        pipelines,
+        "sd1",
+        "euler",
+        4,
+        1.0,
+        7.5,
+        mask=Image.open(path).convert("RGB"),
+        ours_mask=str(path),
+        inpainting_unet=True,
+        width=64,
+        height=48,
+    )
     assert_images_close(ours, expected)
 
 

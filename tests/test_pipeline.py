@@ -6,17 +6,9 @@ Tolerance (float32): final 8-bit images within 0.5/255 mean and 2/255 max absolu
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from tiny_models import make_pipeline
 
+from helpers import assert_images_close, make_pipeline, run_both
 from mlx_sd import StableDiffusion
-
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
 
 
 @pytest.fixture(scope="module")
@@ -32,39 +24,6 @@ def pipelines(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def run_both(reference, ours, sampler, width, height, steps, guidance_scale, num_images=1,
-             negative_prompt="", clip_skip=None, prompt="a photo of an astronaut riding a horse on mars",
-             truncate_prompt=False, **xl):
-    import diffusers
-
-    name, overrides = DIFFUSERS_SCHEDULERS[sampler]
-    reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config, **overrides)
-    rng = np.random.default_rng(width * 1000 + height + steps)
-    latents = rng.standard_normal((num_images, height // 8, width // 8, 4)).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(
-            prompt, negative_prompt=negative_prompt or None, width=width, height=height, num_inference_steps=steps,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images,
-            latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
-            clip_skip=None if clip_skip is None else clip_skip - 1,  # diffusers counts skipped layers
-            **xl,
-        ).images
-    images = ours.generate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                           guidance_scale=guidance_scale, sampler=sampler, seed=0, num_images=num_images,
-                           latents=mx.array(latents), clip_skip=clip_skip, truncate_prompt=truncate_prompt, **xl)
-    return np.stack([np.asarray(i, np.float64) for i in images]), np.stack([np.asarray(i, np.float64) for i in expected])
-
-
-def assert_images_close(ours, expected):
-    assert ours.shape == expected.shape
-    # The comparison means something only if the reference image is not flat or saturated.
-    assert expected.std() > 10 and ((expected > 0) & (expected < 255)).mean() > 0.5
-    diff = np.abs(ours - expected)
-    print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
-    assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
-    assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
 
 
 CASES = [
@@ -139,13 +98,16 @@ def test_seed_is_reproducible_and_reported(pipelines):
     assert np.array_equal(np.asarray(batch[1]), np.asarray(single[0]))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(width=60), "multiples of 8"),
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(guidance_scale=-1), "guidance scale"),
-    (dict(sampler="plms"), "unknown sampler"),
-    (dict(latents=mx.zeros((1, 4, 4, 4))), "latents must have shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(width=60), "multiples of 8"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(guidance_scale=-1), "guidance scale"),
+        (dict(sampler="plms"), "unknown sampler"),
+        (dict(latents=mx.zeros((1, 4, 4, 4))), "latents must have shape"),
+    ],
+)
 def test_bad_settings_raise_clear_errors(pipelines, kwargs, message):
     _, ours = pipelines("turbo")
     with pytest.raises(ValueError, match=message):

@@ -7,8 +7,8 @@ Expected parses are written by hand from A1111's rules (wiki "Features: Attentio
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import SD15, SD21, write_tokenizer
 
+from helpers import SD15, SD21, write_tokenizer
 from mlx_sd.prompts import apply_weights, chunk_prompt, pad_chunks, parse_prompt_attention
 from mlx_sd.tokenizer import CLIPTokenizer
 
@@ -23,8 +23,17 @@ PARSES = [
     ("(unnecessary)(parens)", [("unnecessaryparens", R)]),
     (
         "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-        [("a ", 1.0), ("house", 1.3 * R * R), (" ", R), ("on", 1.0), (" a ", R), ("hill", 0.5 * R),
-         (", sun, ", R), ("sky", R**4), (".", R)],
+        [
+            ("a ", 1.0),
+            ("house", 1.3 * R * R),
+            (" ", R),
+            ("on", 1.0),
+            (" a ", R),
+            ("hill", 0.5 * R),
+            (", sun, ", R),
+            ("sky", R**4),
+            (".", R),
+        ],
     ),
     # nesting and explicit weights
     ("", [("", 1.0)]),

@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config
 from diffusers.utils import logging as diffusers_logging
 
+from helpers import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config
 from mlx_sd.schedulers import (
     SAMPLERS,
     DDIMScheduler,
@@ -42,8 +42,13 @@ CONFIGS = {
     "diffusers-defaults": {},
     "cosine": {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"},
     "dpm-sde-3-karras": {
-        "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_order": 3,
-        "use_karras_sigmas": True, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "_class_name": "DPMSolverMultistepScheduler",
+        "algorithm_type": "sde-dpmsolver++",
+        "solver_order": 3,
+        "use_karras_sigmas": True,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
     },
 }
 
@@ -229,13 +234,24 @@ def test_euler_ancestral_draws_normal_noise_by_default():
 
 
 def test_make_scheduler_unknown_name():
-    names = r"euler \(Euler\), euler_a \(Euler a\), ddim \(DDIM\), dpmpp_2m \(DPM\+\+ 2M\), dpmpp_2m_karras \(DPM\+\+ 2M Karras\)"
+    names = (
+        r"euler \(Euler\), euler_a \(Euler a\), ddim \(DDIM\), dpmpp_2m \(DPM\+\+ 2M\), "
+        r"dpmpp_2m_karras \(DPM\+\+ 2M Karras\)"
+    )
     with pytest.raises(ValueError, match=f"unknown sampler 'x'; choose one of: {names}$"):
         make_scheduler("x", SD15_CONFIG)
 
 
-@pytest.mark.parametrize("alias,name", [("Euler a", "euler_a"), ("DPM++ 2M Karras", "dpmpp_2m_karras"),
-                                        ("dpm++ 2m", "dpmpp_2m"), ("DDIM", "ddim"), (" euler ", "euler")])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("Euler a", "euler_a"),
+        ("DPM++ 2M Karras", "dpmpp_2m_karras"),
+        ("dpm++ 2m", "dpmpp_2m"),
+        ("DDIM", "ddim"),
+        (" euler ", "euler"),
+    ],
+)
 def test_a1111_display_names_are_aliases(alias, name):
     assert resolve_sampler(alias) == name
     built, expected = make_scheduler(alias, SD15_CONFIG), make_scheduler(name, SD15_CONFIG)

@@ -13,11 +13,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import SD15, SD21, SDXL, real_config, write_tokenizer
-from ldm_export import export_ldm, text_model_key, text_model_keys
 from safetensors import safe_open
 
+from helpers import SD15, SD21, SDXL, real_config, write_tokenizer
+from ldm_export import export_ldm, text_model_key, text_model_keys
 from mlx_sd.single_file import FAMILIES, detect_family, load_single_file, split_components
+from mlx_sd.weights import ModelLoadError
 
 REAL = {"sd1": SD15, "sd2": SD21, "sdxl": SDXL}
 
@@ -28,22 +29,39 @@ TINY_UNET = dict(block_out_channels=[32, 32, 64], layers_per_block=2, norm_num_g
 TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, sample_size=32)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, projection_dim=32)
 TINY = {
-    "sd1": dict(unet=dict(attention_head_dim=2, cross_attention_dim=32,
-                          down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                          up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-                text_encoder=dict(TINY_CLIP, num_hidden_layers=3)),
-    "sd2": dict(unet=dict(attention_head_dim=[2, 2, 4], cross_attention_dim=32,
-                          down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                          up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-                text_encoder=TINY_CLIP),  # num_hidden_layers stays 23
+    "sd1": dict(
+        unet=dict(
+            attention_head_dim=2,
+            cross_attention_dim=32,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        ),
+        text_encoder=dict(TINY_CLIP, num_hidden_layers=3),
+    ),
+    "sd2": dict(
+        unet=dict(
+            attention_head_dim=[2, 2, 4],
+            cross_attention_dim=32,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        ),
+        text_encoder=TINY_CLIP,
+    ),  # num_hidden_layers stays 23
     # SDXL: the two encoders need different widths (diffusers tells them apart by width) and a non-square
     # bigG projection (the real one is square, which would hide a missing transpose from shape checks).
-    "sdxl": dict(unet=dict(attention_head_dim=[2, 2, 4], transformer_layers_per_block=[1, 1, 2],
-                           cross_attention_dim=32 + 48, addition_time_embed_dim=8,
-                           projection_class_embeddings_input_dim=40 + 6 * 8),
-                 text_encoder=dict(TINY_CLIP, num_hidden_layers=3),
-                 text_encoder_2=dict(hidden_size=48, intermediate_size=37, num_attention_heads=4,
-                                     num_hidden_layers=3, projection_dim=40)),
+    "sdxl": dict(
+        unet=dict(
+            attention_head_dim=[2, 2, 4],
+            transformer_layers_per_block=[1, 1, 2],
+            cross_attention_dim=32 + 48,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=40 + 6 * 8,
+        ),
+        text_encoder=dict(TINY_CLIP, num_hidden_layers=3),
+        text_encoder_2=dict(
+            hidden_size=48, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=40
+        ),
+    ),
 }
 
 
@@ -64,8 +82,9 @@ def build_components(family, tiny=True, seed=0):
     vae_overrides = {}
     if tiny:
         n = len(TINY_VAE["block_out_channels"])
-        vae_overrides = dict(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n,
-                             up_block_types=["UpDecoderBlock2D"] * n)
+        vae_overrides = dict(
+            TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n
+        )
     modules = {
         "unet": UNet2DConditionModel(**_config(real, "unet", **unet_overrides)),
         "vae": AutoencoderKL(**_config(real, "vae", **vae_overrides)),
@@ -96,11 +115,18 @@ def write_config_folder(family, folder, modules):
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(real, sources / "tokenizer"))
     if family == "sdxl":
         tokenizer_2 = CLIPTokenizer.from_pretrained(write_tokenizer(real, sources / "tokenizer_2", "tokenizer_2"))
-        pipe = diffusers.StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
-                                                   **modules)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler, **modules
+        )
     else:
-        pipe = diffusers.StableDiffusionPipeline(tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                                 feature_extractor=None, requires_safety_checker=False, **modules)
+        pipe = diffusers.StableDiffusionPipeline(
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **modules,
+        )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -195,8 +221,11 @@ def test_unrecognised_files(exported, tmp_path):
     inpainting[conv_in] = mx.zeros((32, 9, 3, 3))
     with pytest.raises(ValueError, match="9 input channels"):
         detect_family(inpainting)
-    for extra in ("lora_unet_down.alpha", "model.diffusion_model.input_blocks.1.0.weird.weight",
-                  "first_stage_model.decoder.mid.attn_1.foo.weight"):
+    for extra in (
+        "lora_unet_down.alpha",
+        "model.diffusion_model.input_blocks.1.0.weird.weight",
+        "first_stage_model.decoder.mid.attn_1.foo.weight",
+    ):
         with pytest.raises(ValueError, match=f"unrecognised keys .*{extra}"):
             split_components({**weights, extra: mx.zeros((2,))}, family)
     no_vae = {k: v for k, v in weights.items() if not k.startswith("first_stage_model.")}
@@ -209,15 +238,18 @@ def test_unrecognised_files(exported, tmp_path):
 @pytest.mark.parametrize("exported", ["sd1"], indirect=True)
 def test_pickle_and_corrupt_files_are_refused(exported, tmp_path):
     _, _, path, _ = exported
-    for suffix in (".ckpt", ".bin", ".pt", ".pth"):
+    for suffix in (".ckpt", ".bin", ".pt", ".pth", ".CKPT", ".Bin"):
         pickle = tmp_path / f"model{suffix}"
         pickle.write_bytes(b"\x80\x04 not read")
-        with pytest.raises(ValueError, match="never unpickles.*safetensors") as e:
+        with pytest.raises(ModelLoadError, match="never unpickles.*safetensors") as e:
             load_single_file(pickle)
         assert "\n" not in str(e.value)
     data = path.read_bytes()
-    for name, content in (("truncated", data[: len(data) // 2]), ("garbage", b"not a safetensors file" * 4),
-                          ("empty", b"")):
+    for name, content in (
+        ("truncated", data[: len(data) // 2]),
+        ("garbage", b"not a safetensors file" * 4),
+        ("empty", b""),
+    ):
         bad = tmp_path / f"{name}.safetensors"
         bad.write_bytes(content)
         with pytest.raises(ValueError, match="not a valid safetensors file") as e:
@@ -249,7 +281,7 @@ def test_fullsize_round_trip(family, scratch):
         keys, bad = set(), []
         for file in sorted((folder / name).glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
-                for k in f.keys():
+                for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     key = text_model_key(k) if name.startswith("text_encoder") else k
                     keys.add(key)
                     if key in loaded and not np.array_equal(np.array(loaded[key]), f.get_tensor(k).numpy()):

@@ -9,34 +9,77 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SD15, SD21, SDXL, TOKENIZER_ASSETS, write_tokenizer
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
+from helpers import SD15, SD21, SDXL, TOKENIZER_ASSETS, write_tokenizer
 from mlx_sd.tokenizer import CLIPTokenizer
 
 FOLDERS = [(SD15, "tokenizer", 49407), (SD21, "tokenizer", 0), (SDXL, "tokenizer_2", 0)]
 
-SUBJECTS = ["a photo of an astronaut riding a horse on mars", "portrait of a woman, oil painting", "a cat",
-            "cyberpunk city at night, neon lights", "a bowl of ramen", "an old lighthouse in a storm",
-            "Mount Fuji at sunrise", "a red fox in the snow", "a cozy cabin interior", "a steampunk robot"]
-STYLES = ["", ", 4k, trending on artstation", ", highly detailed, 8k uhd, dslr, soft lighting",
-          ", by greg rutkowski and alphonse mucha", " (masterpiece:1.2), best quality, ((sharp focus))",
-          ", [blurry], cinematic lighting!!!", " | studio ghibli style | anime"]
+SUBJECTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "portrait of a woman, oil painting",
+    "a cat",
+    "cyberpunk city at night, neon lights",
+    "a bowl of ramen",
+    "an old lighthouse in a storm",
+    "Mount Fuji at sunrise",
+    "a red fox in the snow",
+    "a cozy cabin interior",
+    "a steampunk robot",
+]
+STYLES = [
+    "",
+    ", 4k, trending on artstation",
+    ", highly detailed, 8k uhd, dslr, soft lighting",
+    ", by greg rutkowski and alphonse mucha",
+    " (masterpiece:1.2), best quality, ((sharp focus))",
+    ", [blurry], cinematic lighting!!!",
+    " | studio ghibli style | anime",
+]
 SPECIAL_CASES = [
-    "", " ", "   \t\n  ", "A", "UPPER CASE PROMPT WITH NUMBERS 1234567890",
-    "café naïve résumé Ångström São Paulo Zürich", "e\u0301cole (decomposed accent)",
+    "",
+    " ",
+    "   \t\n  ",
+    "A",
+    "UPPER CASE PROMPT WITH NUMBERS 1234567890",
+    "café naïve résumé Ångström São Paulo Zürich",
+    "e\u0301cole (decomposed accent)",
     "ΣΑΣ σς İstanbul straße ﬁne",  # final sigma, dotted capital I, ligature
-    "東京タワーの夜景、美しい", "一只可爱的猫在花园里", "한국어 프롬프트 테스트", "Привет, мир! Ёжик", "مرحبا بالعالم",
-    "हिन्दी पाठ", "ภาษาไทย", "🐱🎨🔥 emoji 👩‍🚀 astronaut 🏳️‍🌈 flag", "fullwidth ＡＢＣ１２３！",
-    "!!!", "!?!?...,,,;;;", "wow!!! amazing!! great!", "hello ! world !", "---===***###@@@", "(((((((word)))))))",
+    "東京タワーの夜景、美しい",
+    "一只可爱的猫在花园里",
+    "한국어 프롬프트 테스트",
+    "Привет, мир! Ёжик",
+    "مرحبا بالعالم",
+    "हिन्दी पाठ",
+    "ภาษาไทย",
+    "🐱🎨🔥 emoji 👩‍🚀 astronaut 🏳️‍🌈 flag",
+    "fullwidth ＡＢＣ１２３！",
+    "!!!",
+    "!?!?...,,,;;;",
+    "wow!!! amazing!! great!",
+    "hello ! world !",
+    "---===***###@@@",
+    "(((((((word)))))))",
     "a\tb\nc\r\nd  e\u00a0f\u3000g\u2028h\x85i\x0bj\x0ck",  # whitespace runs of every kind
-    "zero\u200bwidth\u200djoiner\ufeffbom", "\x1c\x1d\x1e\x1f controls",
-    "3.14159 2,718 1e10 007 100% $5.99 #1 v2.1", "don't it's we'll they're I'm you've he'd DON'T IT'S",
-    "'s 't 're 'salad' 'hello' rock'n'roll", "&amp; &lt;tag&gt; &quot;quoted&quot; &#39; &nbsp;",
-    "<|startoftext|> a <|endoftext|> b", "<|ENDOFTEXT|> <|StartOfText|> <|endoftext",
+    "zero\u200bwidth\u200djoiner\ufeffbom",
+    "\x1c\x1d\x1e\x1f controls",
+    "3.14159 2,718 1e10 007 100% $5.99 #1 v2.1",
+    "don't it's we'll they're I'm you've he'd DON'T IT'S",
+    "'s 't 're 'salad' 'hello' rock'n'roll",
+    "&amp; &lt;tag&gt; &quot;quoted&quot; &#39; &nbsp;",
+    "<|startoftext|> a <|endoftext|> b",
+    "<|ENDOFTEXT|> <|StartOfText|> <|endoftext",
     "<|endoftext|>\u0338 <\u0338 =\u0338",  # NFC would compose ">" + U+0338 across a raw-matched token
-    "<html><body>tags</body></html>", "https://example.com/path?q=1&r=2", "snake_case camelCase kebab-case",
-    "a" * 300, "word " * 100, "a photo of a cat, " * 20, "🐱" * 40, "!" * 100, "東京" * 60,
+    "<html><body>tags</body></html>",
+    "https://example.com/path?q=1&r=2",
+    "snake_case camelCase kebab-case",
+    "a" * 300,
+    "word " * 100,
+    "a photo of a cat, " * 20,
+    "🐱" * 40,
+    "!" * 100,
+    "東京" * 60,
 ]
 
 
@@ -69,7 +112,8 @@ def tokenizer_pair(request, tmp_path_factory):
 def _open_clip_vocab():
     """CLIP's vocabulary rebuilt from open_clip's bpe_simple_vocab_16e6.txt.gz (open_clip's own recipe)."""
     folder = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
-    lines = gzip.open(folder / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
+    with gzip.open(folder / "bpe_simple_vocab_16e6.txt.gz") as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     byte_chars = [chr(c) for c in bs + [256 + n for n in range(256 - len(bs))]]  # bytes_to_unicode().values()

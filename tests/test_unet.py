@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
-from conftest import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config, to_mx
+from helpers import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config, to_mx
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig, sanitize, timestep_embedding, upsample_nearest
 from mlx_sd.weights import ModelLoadError, load_strict, read_safetensors
 
@@ -76,9 +76,7 @@ def make_inputs(cfg, batch, height, width, seq_len=7):
 def run_torch(model, inputs, timestep):
     added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
     with torch.no_grad():
-        out = model(
-            inputs["sample"], timestep, inputs["encoder_hidden_states"], added_cond_kwargs=added or None
-        ).sample
+        out = model(inputs["sample"], timestep, inputs["encoder_hidden_states"], added_cond_kwargs=added or None).sample
     return out.numpy()
 
 
@@ -221,8 +219,10 @@ def test_fullsize_unet_matches_diffusers(model, size):
 
     diff = np.abs(got - expected).max()
     scale = np.abs(expected).max()
-    print(f"\n{model} {size}: max|ref|={scale:.4g} max abs diff={diff:.3g} rel={diff / scale:.3g} "
-          + " ".join(f"{k}={v:.1f}s" for k, v in times.items()))
+    print(
+        f"\n{model} {size}: max|ref|={scale:.4g} max abs diff={diff:.3g} rel={diff / scale:.3g} "
+        + " ".join(f"{k}={v:.1f}s" for k, v in times.items())
+    )
     # float32 on both sides through up to 70 transformer blocks: measured max abs diff 3e-6 to 4.4e-6 for
     # outputs of magnitude ~1 (relative ~4e-6); 1e-4 relative leaves room for summation-order noise
     np.testing.assert_allclose(got, expected, atol=1e-4 * scale, rtol=1e-4)

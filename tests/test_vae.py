@@ -7,10 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import SD15, SDXL, nchw_to_nhwc, real_config, to_np
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from helpers import SD15, SDXL, nchw_to_nhwc, random_vae, real_config, to_np
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL, sanitize
 from mlx_sd.weights import ModelLoadError, load_strict, read_json, read_safetensors
 
@@ -36,17 +36,6 @@ TINY_VARIANTS = {
 # float32 on both sides; the tiny model's outputs are O(1) and differ by ~3e-6 (summation order in convs,
 # GroupNorm and attention), so 1e-4 leaves margin while any layout or wiring error shows up at O(0.1).
 TINY_TOL = {"atol": 1e-4, "rtol": 1e-4}
-
-
-def random_reference(config):
-    """A diffusers AutoencoderKL with default-initialised convs/linears and random GroupNorm affine params."""
-    model = TorchAutoencoderKL.from_config(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-    return model
 
 
 def reference_outputs(model, image, latents):
@@ -84,7 +73,7 @@ def max_abs_diffs(ours, ref):
 def tiny(request, tmp_path_factory):
     """(folder saved by save_pretrained, image, latents, diffusers outputs) for one tiny config."""
     torch.manual_seed(0)
-    model = random_reference(TINY_VARIANTS[request.param])
+    model = random_vae(TINY_VARIANTS[request.param])
     with torch.no_grad():
         if model.quant_conv is not None:  # push two logvar channels past diffusers' clamp to [-30, 20]
             model.quant_conv.bias[4] += 40.0
@@ -181,7 +170,7 @@ def test_config_from_dict():
 @pytest.mark.parametrize("model_name", [SD15, SDXL])
 def test_fullsize_parity(model_name, tmp_path):
     torch.manual_seed(0)
-    reference = random_reference(real_config(model_name, "vae"))
+    reference = random_vae(real_config(model_name, "vae"))
     image = torch.rand(1, 3, 64, 48) * 2 - 1
     latents = torch.randn(1, 4, 8, 6)
     start = time.perf_counter()

@@ -7,9 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import SDXL, real_config, to_np
-from test_vae import random_reference as random_vae
 
+from helpers import SDXL, random_vae, real_config, to_np
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL, sanitize, should_tile, tile_starts
 from mlx_sd.weights import load_strict, read_json, read_safetensors
 
@@ -147,8 +146,11 @@ def test_fullsize_tiled(tmp_path):
     untiled_s = time.perf_counter() - start - tiled_s
     parity, parity_mean = float(np.abs(tiled - ref).max()), float(np.abs(tiled - ref).mean())
     stats = tiled_vs_untiled(tiled, untiled)
-    print(f"\nsdxl vae tiled: max abs diff vs diffusers {parity:.2e}, mean {parity_mean:.1e} (ref max abs {np.abs(ref).max():.2f}); "
-          f"tiled vs untiled {stats}; torch tiled {torch_s:.1f} s, mlx tiled {tiled_s:.1f} s, untiled {untiled_s:.1f} s")
+    print(
+        f"\nsdxl vae tiled: max abs diff vs diffusers {parity:.2e}, mean {parity_mean:.1e} "
+        f"(ref max abs {np.abs(ref).max():.2f}); "
+        f"tiled vs untiled {stats}; torch tiled {torch_s:.1f} s, mlx tiled {tiled_s:.1f} s, untiled {untiled_s:.1f} s"
+    )
     # 24 resnets deep in float32, GroupNorm reducing over up to 512 x 512 pixels per tile: summation-order noise
     # that grows with the tile's size. Untiled decoding of these latents differs from diffusers' untiled decode by
     # as much (measured: max 1.7e-3, mean 2.0e-4 on outputs up to 4.1); tiled, max 1.4e-3. A wrong tile offset or

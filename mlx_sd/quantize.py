@@ -1,0 +1,97 @@
+"""Quantization: Linear and embedding layers via mlx.nn.quantize, convolutions as QuantizedConv2d, and rebuilding
+the quantized layers of a saved component from its `*.scales` keys."""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .weights import ModelLoadError
+
+QUANTIZE_BITS = (4, 8)
+QUANTIZE_GROUP_SIZES = (32, 64, 128)
+
+
+class QuantizedConv2d(nn.Module):
+    """A Conv2d whose (out, kh, kw, in) kernel is kept quantized as an (out, kh * kw * in) matrix, in groups along
+    kh * kw * in, and dequantized for each call: the memory at rest of a quantized layer, the arithmetic of a
+    float convolution. Keys as QuantizedLinear: weight (packed uint32), scales, biases, bias."""
+
+    def __init__(self, conv: nn.Conv2d, group_size, bits):
+        super().__init__()
+        self.kernel_shape = tuple(conv.weight.shape)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.group_size, self.bits = group_size, bits
+        flat = conv.weight.reshape(self.kernel_shape[0], -1)
+        self.weight, self.scales, self.biases = mx.quantize(flat, group_size, bits)
+        if "bias" in conv:
+            self.bias = conv.bias
+
+    def __call__(self, x):
+        w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = mx.conv2d(
+            x,
+            w.reshape(self.kernel_shape).astype(x.dtype),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+        return y + self.bias if "bias" in self else y
+
+
+def quantize_model(model: nn.Module, bits, group_size, convolutions=False):
+    """Quantizes `model` in place; returns the `quantization` entry that its config.json records.
+
+    Quantized: Linear layers (attention and feed-forward projections, time embeddings, projections) and the
+    token embedding, wherever the input width is a multiple of `group_size`; with `convolutions`, also every
+    Conv2d but the model's first and last (`conv_in`, `conv_out`: the latent-space ends, few weights and the
+    most sensitive) whose kh * kw * in is a multiple of `group_size` (QuantizedConv2d). Norms, biases and the
+    position embedding stay float."""
+    if bits not in QUANTIZE_BITS:
+        raise ValueError(f"quantization bits must be one of {QUANTIZE_BITS}, got {bits!r}")
+    if group_size not in QUANTIZE_GROUP_SIZES:
+        raise ValueError(f"quantization group size must be one of {QUANTIZE_GROUP_SIZES}, got {group_size!r}")
+
+    def quantizable(path, module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or path.endswith("position_embedding"):
+            return False
+        return module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size, bits, class_predicate=quantizable)
+    if convolutions:
+        _quantize_convolutions(
+            model,
+            group_size,
+            bits,
+            lambda path, conv: (
+                path.rsplit(".", 1)[-1] not in ("conv_in", "conv_out")
+                and (conv.weight.size // conv.weight.shape[0]) % group_size == 0
+            ),
+        )
+    return {"group_size": group_size, "bits": bits, **({"convolutions": True} if convolutions else {})}
+
+
+def _quantize_convolutions(model, group_size, bits, predicate):
+    convs = [
+        (path, QuantizedConv2d(m, group_size, bits))
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and predicate(path, m)
+    ]
+    if convs:
+        model.update_modules(tree_unflatten(convs))
+
+
+def rebuild_quantized(model: nn.Module, weights, quantization, component):
+    """Makes quantized layers of the modules that have `*.scales` in `weights`, as the `quantization` entry of
+    the component's config.json says, so that `load_strict` can then fill them."""
+    try:
+        group_size, bits = quantization["group_size"], quantization["bits"]
+        nn.quantize(
+            model,
+            group_size,
+            bits,
+            class_predicate=lambda path, m: isinstance(m, (nn.Linear, nn.Embedding)) and f"{path}.scales" in weights,
+        )
+        _quantize_convolutions(model, group_size, bits, lambda path, _: f"{path}.scales" in weights)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{component}: cannot rebuild its quantized layers from {quantization!r} ({e})") from None

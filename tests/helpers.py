@@ -1,0 +1,261 @@
+"""Shared test helpers: the real SD configs (tests/configs), torch <-> MLX conversion, tiny random diffusers
+pipelines shaped like the real checkpoints, and image comparisons against diffusers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+import mlx.core as mx
+import numpy as np
+import torch
+
+CONFIGS = Path(__file__).parent / "configs"
+TOKENIZER_ASSETS = Path(__file__).parent.parent / "mlx_sd" / "assets" / "clip_tokenizer"
+
+SD15 = "runwayml--stable-diffusion-v1-5"
+SD21_BASE = "stabilityai--stable-diffusion-2-1-base"
+SD21 = "stabilityai--stable-diffusion-2-1"
+SD_TURBO = "stabilityai--sd-turbo"
+SDXL = "stabilityai--stable-diffusion-xl-base-1.0"
+SDXL_TURBO = "stabilityai--sdxl-turbo"
+
+
+def real_config(model, component, name="config.json"):
+    """The real config of one component of a real checkpoint, e.g. real_config(SD15, "unet")."""
+    return json.loads((CONFIGS / model / component / name).read_text())
+
+
+def write_tokenizer(model, dest, component="tokenizer"):
+    """Writes a complete tokenizer folder (real vocabulary + the model's own special-token files) to dest."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    src = CONFIGS / model / component
+    if not src.is_dir():  # sd-turbo ships the SD 2.x tokenizer
+        src = CONFIGS / SD21 / "tokenizer"
+    for f in src.iterdir():
+        shutil.copy(f, dest / f.name)
+    for f in TOKENIZER_ASSETS.iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def to_mx(t):
+    """torch tensor -> MLX array (float32 unless integer)."""
+    return mx.array(t.detach().cpu().numpy())
+
+
+def to_np(a):
+    return np.array(a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a)
+
+
+def nchw_to_nhwc(t):
+    return to_mx(t.permute(0, 2, 3, 1))
+
+
+def random_vae(config):
+    """A diffusers AutoencoderKL with default-initialised convs/linears and random GroupNorm affine params."""
+    model = diffusers.AutoencoderKL.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    return model
+
+
+# Shrinks the real configs: every architectural flag (projection type, heads per block, upcast, activation,
+# eos rule, scheduler settings) stays that of the real checkpoint; only the widths and depths change.
+TINY_UNET = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
+TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=32)
+
+FAMILIES = {
+    # name: (real checkpoint, per-block heads, unet overrides)
+    "sd1": (SD15, 2, {}),
+    "sd2v": (SD21, [2, 4], {}),
+    "turbo": (SD_TURBO, [2, 4], {}),
+    # SDXL: two text encoders side by side (32 + 32), pooled projection 32 + 6 time ids x 8
+    "sdxl": (
+        SDXL,
+        [2, 4],
+        dict(
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 2],
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        ),
+    ),
+}
+FAMILIES["sdxl_turbo"] = (SDXL_TURBO, *FAMILIES["sdxl"][1:])
+XL = ("sdxl", "sdxl_turbo")
+
+
+def _randomize_norms(model, generator):
+    """Random weights for the norm layers too, so that no layer is an identity."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=generator))
+
+
+def make_pipeline(family, folder, seed=0):
+    """Builds a random tiny diffusers StableDiffusionPipeline of `family`, saves it to `folder`, returns it."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers import (
+        DDIMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    real, heads, extra = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    unet_cfg = {k: v for k, v in real_config(real, "unet").items() if not k.startswith("_")}
+    xl = family in XL
+    context_dims = TINY_CLIP["hidden_size"] * (2 if xl else 1)
+    unet_cfg.update(TINY_UNET, attention_head_dim=heads, cross_attention_dim=context_dims)
+    unet_cfg.update(extra)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae_cfg = {k: v for k, v in real_config(real, "vae").items() if not k.startswith("_")}
+    n = len(TINY_VAE["block_out_channels"])
+    vae_cfg.update(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+    vae = AutoencoderKL(**vae_cfg)
+    clip_cfg = {k: v for k, v in real_config(real, "text_encoder").items() if not k.startswith("_")}
+    clip_cfg.update(TINY_CLIP)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+    encoders = [unet, vae, text_encoder]
+    if xl:
+        clip2_cfg = {k: v for k, v in real_config(real, "text_encoder_2").items() if not k.startswith("_")}
+        clip2_cfg.update(TINY_CLIP)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip2_cfg))
+        encoders.append(text_encoder_2)
+    for m in encoders:
+        m.float()  # the SDXL configs name torch_dtype float16
+        _randomize_norms(m, g)
+        m.eval()
+    # Scale the UNet's output layer so that the latents stay in a useful range over several steps.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.3)
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(SDXL if xl else real, folder / "_tokenizer_src"))
+    scheduler_cfg = real_config(real, "scheduler", "scheduler_config.json")
+    scheduler_cls = {
+        "PNDMScheduler": PNDMScheduler,
+        "DDIMScheduler": DDIMScheduler,
+        "EulerDiscreteScheduler": EulerDiscreteScheduler,
+        "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler,
+    }[scheduler_cfg["_class_name"]]
+    scheduler = scheduler_cls.from_config(scheduler_cfg)
+    if xl:
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_tokenizer(SDXL, folder / "_tokenizer_2_src", "tokenizer_2"))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # diffusers writes every scheduler default into the file; the Hub file leaves some out (SD 1.5 has no
+    # timestep_spacing), which changes what another sampler class defaults to. Keep the real file.
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_cfg, indent=2))
+    pipe.scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+DIFFUSERS_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def run_both(
+    reference,
+    ours,
+    sampler,
+    width,
+    height,
+    steps,
+    guidance_scale,
+    num_images=1,
+    negative_prompt="",
+    clip_skip=None,
+    prompt="a photo of an astronaut riding a horse on mars",
+    truncate_prompt=False,
+    **xl,
+):
+    name, overrides = DIFFUSERS_SCHEDULERS[sampler]
+    reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config, **overrides)
+    rng = np.random.default_rng(width * 1000 + height + steps)
+    latents = rng.standard_normal((num_images, height // 8, width // 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(
+            prompt,
+            negative_prompt=negative_prompt or None,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images,
+            latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+            clip_skip=None if clip_skip is None else clip_skip - 1,  # diffusers counts skipped layers
+            **xl,
+        ).images
+    images = ours.generate(
+        prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        seed=0,
+        num_images=num_images,
+        latents=mx.array(latents),
+        clip_skip=clip_skip,
+        truncate_prompt=truncate_prompt,
+        **xl,
+    )
+    return np.stack([np.asarray(i, np.float64) for i in images]), np.stack(
+        [np.asarray(i, np.float64) for i in expected]
+    )
+
+
+def assert_images_close(ours, expected):
+    assert ours.shape == expected.shape
+    # The comparison means something only if the reference image is not flat or saturated.
+    assert expected.std() > 10 and ((expected > 0) & (expected < 255)).mean() > 0.5
+    diff = np.abs(ours - expected)
+    print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
+    assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
+    assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
