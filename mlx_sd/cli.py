@@ -1,16 +1,15 @@
 """The `mlx-sd` command line: a thin layer over mlx_sd's Python API."""
 
 import random
-import string
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from .convert import convert_command
+from .outputs import output_paths
 from .pipeline import DTYPES
 from .schedulers import DESCRIPTIONS, DISPLAY_NAMES, resolve_sampler
 
@@ -37,35 +36,6 @@ def _sampler(ctx, param, value):
         return resolve_sampler(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def output_paths(output, seeds, overwrite=False):
-    """One path per image. `output` is a .png file, a pattern with {seed} and {index}, or a folder.
-
-    Existing files are kept: a numbered name (`out-1.png`, ...) is used instead unless `overwrite`.
-    """
-    output = Path(output)
-    if output.is_dir() or str(output).endswith(("/", "\\")):
-        output = output / "{seed}.png"
-    fields = {name for _, name, _, _ in string.Formatter().parse(str(output)) if name is not None}
-    if fields - {"seed", "index"}:
-        raise click.BadParameter(
-            f"unknown field(s) {', '.join(sorted(fields - {'seed', 'index'}))}: use {{seed}} and {{index}}",
-            param_hint="-o/--output",
-        )
-    if output.suffix.lower() != ".png":
-        raise click.BadParameter(f"output must be a .png file or a folder, got {output}", param_hint="-o/--output")
-    if not output.parent.is_dir():
-        raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="-o/--output")
-    paths = []
-    for index, seed in enumerate(seeds):
-        path = base = Path(str(output).format(seed=seed, index=index))
-        n = 0
-        while path in paths or (path.exists() and not overwrite) or (not fields and index > 0 and n == 0):
-            n += 1
-            path = base.with_name(f"{base.stem}-{n}{base.suffix}")
-        paths.append(path)
-    return paths
 
 
 class Progress:
@@ -336,7 +306,7 @@ def settings_from_png(path):
     """generate()'s settings from the A1111 `parameters` text of a PNG."""
     from PIL import Image
 
-    from .png import parse_a1111_parameters
+    from .infotext import parse_a1111_parameters
 
     with Image.open(path) as image:
         text = getattr(image, "text", {}).get("parameters")

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .hub import CONFIG_PATTERNS, resolve_model
-from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, single_file_components
+from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, model_family, single_file_components
 from .pipeline import DTYPES, PIPELINES
 from .quantize import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES, quantize_model
 from .tokenizer import ASSETS as TOKENIZER_ASSETS
@@ -134,16 +134,7 @@ def _open_source(source, prediction_type, config):
     folder = resolve_model(source)
     if is_converted(folder) and read_json(folder / MANIFEST).get("quantization"):
         raise ValueError(f"{source} is already quantized; convert the original model instead")
-    return folder, None, _family(folder)
-
-
-def _family(folder):
-    """sd1, sd2 or sdxl for a model folder: SDXL by its pipeline, SD 1.x by CLIP-L's quick_gelu, else SD 2.x."""
-    if is_converted(folder):
-        return read_json(folder / MANIFEST).get("family")
-    if read_json(folder / "model_index.json").get("_class_name", "").startswith("StableDiffusionXL"):
-        return "sdxl"
-    return "sd1" if read_json(folder / "text_encoder" / "config.json").get("hidden_act") == "quick_gelu" else "sd2"
+    return folder, None, model_family(folder)
 
 
 def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False):

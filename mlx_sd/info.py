@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .png import parse_a1111_parameters
+from .infotext import parse_a1111_parameters
 from .weights import MANIFEST
 
 Tensor = namedtuple("Tensor", "shape dtype")

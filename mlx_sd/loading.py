@@ -15,7 +15,7 @@ from .unet import UNet2DConditionModel, UNetConfig
 from .unet import sanitize as sanitize_unet
 from .vae import AutoencoderConfig, AutoencoderKL
 from .vae import sanitize as sanitize_vae
-from .weights import ModelLoadError, is_converted, load_strict, read_converted, read_json, read_safetensors
+from .weights import MANIFEST, ModelLoadError, is_converted, load_strict, read_converted, read_json, read_safetensors
 
 # component -> (config class, model class, diffusers layout -> MLX layout)
 MODELS = {
@@ -41,6 +41,17 @@ def bundled_config(family, prediction_type=None):
             "its diffusers configs"
         )
     return CONFIGS / ("sd2" if prediction_type == "epsilon" else "sd2-v")
+
+
+def model_family(folder):
+    """The model family of a model folder: "sdxl" by its pipeline class, "sd1" by CLIP ViT-L's quick_gelu, else
+    "sd2" (OpenCLIP ViT-H). A converted folder's manifest records it."""
+    folder = Path(folder)
+    if is_converted(folder):
+        return read_json(folder / MANIFEST)["family"]
+    if read_json(folder / "model_index.json").get("_class_name", "").startswith("StableDiffusionXL"):
+        return "sdxl"
+    return "sd1" if read_json(folder / "text_encoder" / "config.json").get("hidden_act") == "quick_gelu" else "sd2"
 
 
 def open_model(name_or_path):

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
-from .loading import load_denoiser, load_text_encoder, open_model
+from .loading import load_denoiser, load_text_encoder, model_family, open_model
 from .prompts import apply_weights, chunk_prompt, pad_chunks
 from .schedulers import default_sampler, make_scheduler, resolve_sampler
 from .vae import should_tile
@@ -31,7 +31,7 @@ class Defaults:
 
 # Cheap previews: a linear map from the 4 latent channels to RGB (the factors ComfyUI and A1111 use).
 PREVIEW_FACTORS = {
-    "sd": (
+    "sd1": (
         [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
         [0.0, 0.0, 0.0],
     ),
@@ -40,6 +40,7 @@ PREVIEW_FACTORS = {
         [0.1084, -0.0175, -0.0011],
     ),
 }
+PREVIEW_FACTORS["sd2"] = PREVIEW_FACTORS["sd1"]
 
 
 class GenerationCancelled(Exception):
@@ -84,7 +85,7 @@ class Conditioning:
 class StableDiffusion:
     """Stable Diffusion 1.x / 2.x (epsilon and v-prediction) and SD-Turbo on MLX; loads SDXL as StableDiffusionXL."""
 
-    family = "sd"
+    family = "sd1"  # sd1, sd2 or sdxl (loading.model_family); from_pretrained sets it from the model folder
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, dtype=mx.float16, name="model"):
         self.tokenizer = tokenizer
@@ -147,6 +148,7 @@ class StableDiffusion:
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(PIPELINES)}"
             )
         model = PIPELINES[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
+        model.family = model_family(folder)
         model.low_memory = bool(low_memory)
         if low_memory:
             model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype, quantize, checkpoint)
@@ -197,7 +199,7 @@ class StableDiffusion:
         comes out the same whichever batch it is generated in.
         """
         timesteps = scheduler.timesteps if timesteps is None else timesteps
-        streams = [mx.random.split(mx.random.key(seed))[1] for seed in seeds]
+        noises = step_noise(seeds, latents.shape[1:])
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
@@ -208,10 +210,7 @@ class StableDiffusion:
             if conditioning.guidance:
                 eps_uncond, eps_text = mx.split(eps, 2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            keys = [mx.random.split(stream) for stream in streams]
-            streams = [k[0] for k in keys]
-            noise = mx.concatenate([mx.random.normal((1, *latents.shape[1:]), key=k[1]) for k in keys])
-            latents = scheduler.step(eps, t, latents, noise=noise)
+            latents = scheduler.step(eps, t, latents, noise=next(noises))
             if inpaint is not None and inpaint.masked_latents is None:
                 # ordinary checkpoints: outside the mask, put back the image's latents noised to the next step
                 known = inpaint.image_latents
@@ -545,6 +544,16 @@ def _noise_or(noise, shape, seeds, name, width, height):
             f"{name} must have shape {shape} for {shape[0]} image(s) of {width}x{height}, got {tuple(noise.shape)}"
         )
     return mx.array(noise, dtype=mx.float32)
+
+
+def step_noise(seeds, shape):
+    """Yields the noise of each sampler step (ancestral and SDE samplers): (B, *shape), image i's part drawn from
+    a stream seeded by seeds[i], so that an image comes out the same whichever batch it is generated in."""
+    streams = [mx.random.split(mx.random.key(seed))[1] for seed in seeds]
+    while True:
+        keys = [mx.random.split(stream) for stream in streams]
+        streams = [k[0] for k in keys]
+        yield mx.concatenate([mx.random.normal((1, *shape), key=k[1]) for k in keys])
 
 
 def _strength_timesteps(timesteps, steps, strength):
