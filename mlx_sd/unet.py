@@ -6,10 +6,14 @@ transformers/transformer_2d.py, attention.py, resnet.py and embeddings.py (diffu
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .activations import gelu, silu
+from .attention import attention
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -119,10 +123,7 @@ class UNetConfig:
 def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=10000):
     """diffusers get_timestep_embedding: (N,) -> (N, dim) float32 sinusoidal features."""
     half = dim // 2
-    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    # exp in float64 rounded to float32 matches torch's float32 exp where MLX's faster exp is an ulp off
-    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
-    emb = timesteps.astype(mx.float32)[:, None] * freqs[None, :]  # (N, half)
+    emb = timesteps.astype(mx.float32)[:, None] * mx.array(_frequencies(half, freq_shift, max_period))  # (N, half)
     sin, cos = mx.sin(emb), mx.cos(emb)
     emb = mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2 == 1:
@@ -130,8 +131,18 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=1
     return emb
 
 
+@lru_cache
+def _frequencies(half, freq_shift, max_period):
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    # exp in float64 rounded to float32 matches torch's float32 exp where MLX's faster exp is an ulp off
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)[None, :]  # (1, half)
+
+
 def upsample_nearest(x, size):
     """F.interpolate(mode="nearest", size=size) on NHWC: source index floor(dst * (in / out)) in float32, as PyTorch."""
+    B, H, W, C = x.shape
+    if tuple(size) == (2 * H, 2 * W):  # each pixel twice along each axis: a broadcast, 2-7x faster than a gather
+        return mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
     for axis, out in zip((1, 2), size):
         n = x.shape[axis]
         scale = mx.array(n, dtype=mx.float32) / out
@@ -147,7 +158,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dims, dims)
 
     def __call__(self, x):
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class Attention(nn.Module):
@@ -172,7 +183,7 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(B, t.shape[1], self.heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if self.upcast and x.dtype == mx.float16:
             q, k, v = (t.astype(mx.float32) for t in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale).astype(x.dtype)
+        out = attention(q, k, v, self.scale).astype(x.dtype)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, heads * d)
         return self.to_out[0](out)
 
@@ -184,7 +195,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x):
         x, gate = mx.split(self.proj(x), 2, axis=-1)
-        return x * nn.gelu(gate)  # exact (erf) gelu
+        return x * gelu(gate)  # exact (erf) gelu
 
 
 class FeedForward(nn.Module):
@@ -251,9 +262,9 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x, temb):
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -454,7 +465,7 @@ class UNet2DConditionModel(nn.Module):
             # upsample to the next skip's exact size: 2x, or what diffusers forwards as `upsample_size`
             # when H or W is not a multiple of 2**num_upsamplers
             x = block(x, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 def sanitize(weights):
