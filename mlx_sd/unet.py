@@ -11,6 +11,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .activations import gelu, silu
 from .attention import attention
@@ -471,3 +472,41 @@ class UNet2DConditionModel(nn.Module):
 def sanitize(weights):
     """diffusers UNet weights -> this model's layout: conv kernels OIHW -> OHWI (1x1 proj_in/proj_out included)."""
     return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}
+
+
+class CompiledUNet:
+    """A UNet's forward pass through mx.compile, which reads the UNet's current parameters at every call.
+
+    The parameters are inputs of the compiled function (`inputs=unet.state`), not constants captured at the
+    first trace: weights replaced since the last call (LoRA deltas merged into a Linear or Conv2d) are used.
+    A change of the module structure (a Linear replaced by a quantized layer or a low-rank branch module, a
+    parameter of another shape or dtype) starts a new trace. MLX traces once per input shape and dtype: keep
+    them fixed through a generation. Call it like the UNet; a Python timestep becomes an array, so that the
+    steps of a sampler share one trace.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel):
+        self.unet = unet
+        self.config = unet.config
+        self._structure = None
+        self._forward = None
+
+    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        structure = module_structure(self.unet)
+        if structure != self._structure:
+            self._forward = mx.compile(self.unet.__call__, inputs=self.unet.state)
+            self._structure = structure
+        timesteps = mx.broadcast_to(mx.array(timestep).astype(mx.float32), (sample.shape[0],))
+        return self._forward(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
+
+
+def module_structure(model: nn.Module):
+    """What a compiled trace of `model` depends on besides array values: module types and parameter shapes."""
+    modules = tuple((path, type(m)) for path, m in model.named_modules())
+    parameters = tuple((k, v.shape, v.dtype) for k, v in tree_flatten(model.parameters()))
+    return modules, parameters
+
+
+def compile_unet(unet: UNet2DConditionModel):
+    """The UNet behind mx.compile (see CompiledUNet): `unet = compile_unet(pipe.unet)` once, then call it."""
+    return CompiledUNet(unet)

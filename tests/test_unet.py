@@ -13,7 +13,15 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
 from helpers import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config, to_mx
-from mlx_sd.unet import UNet2DConditionModel, UNetConfig, sanitize, timestep_embedding, upsample_nearest
+from mlx_sd.quantize import quantize_model
+from mlx_sd.unet import (
+    UNet2DConditionModel,
+    UNetConfig,
+    compile_unet,
+    sanitize,
+    timestep_embedding,
+    upsample_nearest,
+)
 from mlx_sd.weights import ModelLoadError, load_strict, read_safetensors
 
 CA, D, CU, U = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -134,11 +142,46 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("src, dst", [((3, 2), (5, 4)), ((4, 5), (7, 10)), ((5, 7), (10, 13)), ((14, 6), (20, 10))])
+@pytest.mark.parametrize(
+    "src, dst", [((3, 2), (5, 4)), ((4, 5), (7, 10)), ((5, 7), (10, 13)), ((14, 6), (20, 10)), ((3, 5), (6, 10))]
+)
 def test_upsample_nearest_matches_torch_exactly(src, dst):
     x = torch.randn(1, 3, *src)
     expected = F.interpolate(x, size=dst, mode="nearest").permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(np.array(upsample_nearest(nchw_to_nhwc(x), dst)), expected)
+
+
+def test_compiled_unet_reads_current_weights_and_structure(tiny):
+    """compile_unet equals the eager UNet, and follows weights replaced after its first call (LoRA merges) and
+    modules replaced by others (quantized layers, wrappers with the same parameters)."""
+    config, _, _, folder = tiny
+    unet = load_strict(UNet2DConditionModel(UNetConfig.from_dict(config)), sanitize(read_safetensors(folder)), "unet")
+    inputs = make_inputs(config, 2, 8, 6)
+    compiled = compile_unet(unet)
+
+    def check():
+        expected, got = run_mlx(unet, inputs, 500.0), run_mlx(compiled, inputs, 500.0)
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-6)
+        return got
+
+    first = check()
+    attn = unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    attn.to_q.weight = attn.to_q.weight + 0.5  # merged in place of the old array
+    unet.conv_out.weight = unet.conv_out.weight * 2
+    second = check()
+    assert np.abs(second - first).max() > 1e-2
+
+    class Doubled(type(attn.to_v)):  # same parameters, another computation
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    doubled = Doubled(*attn.to_v.weight.shape[::-1], bias=False)
+    doubled.weight = attn.to_v.weight
+    attn.to_v = doubled
+    third = check()
+    assert np.abs(third - second).max() > 1e-3
+    quantize_model(unet, 8, 32)
+    assert np.abs(check() - third).max() > 0
 
 
 def test_strict_loading_names_missing_and_unexpected_keys(tiny):
