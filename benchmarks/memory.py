@@ -1,0 +1,241 @@
+"""Peak memory of a whole generation, phase by phase: text encoding, denoising, decoding.
+
+    python benchmarks/memory.py --model sd15 --dtype float16 --size 512 --steps 1 [--quantize 4 [--q-convs]]
+        [--low-memory] [--free-unet] [--clear-cache]
+
+(on Linux with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 for MLX's CPU backend).
+The pipeline is built from tests/configs' real configs with random N(0, 0.02) weights made directly in MLX
+in the target dtype (no checkpoint, no torch): the text encoder(s) and UNet in --dtype, the VAE in float32
+when --dtype is float16 (force_upcast, as the pipeline loads it); --quantize 4/8 quantizes the text encoders
+and the UNet as `from_pretrained(quantize=)` does (Linear layers, group 64), --q-convs the UNet's
+convolutions too (`mlx-sd convert --q-convs`). Then one `generate` call (guidance 7.5, Euler, --steps steps)
+runs, with the pipeline's low_memory mode if asked.
+
+Printed per phase: MLX's peak allocation (mx.get_peak_memory, reset at the phase's start: weights included),
+the process's peak resident memory during the phase (VmHWM, reset through /proc/self/clear_refs where Linux
+allows), and the phase's time; then the whole generation's MLX peak and the phase where it happened.
+--free-unet drops the UNet before decoding (what low_memory could do); --clear-cache empties MLX's buffer
+cache after each phase (mx.clear_cache: lowers RSS, not MLX's peak).
+
+On a CPU without fast float16 matrix products (x86 here: ~3 GFLOP/s) a float16 512x512 step takes many
+minutes; the peaks do not depend on the speed.
+"""
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlx_sd.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mlx_sd.pipeline import StableDiffusion, StableDiffusionXL  # noqa: E402
+from mlx_sd.quantize import quantize_model  # noqa: E402
+from mlx_sd.tokenizer import CLIPTokenizer  # noqa: E402
+from mlx_sd.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from mlx_sd.vae import AutoencoderConfig, AutoencoderKL  # noqa: E402
+
+CONFIGS = ROOT / "tests" / "configs"
+MODELS = {
+    "sd15": "runwayml--stable-diffusion-v1-5",
+    "sd21base": "stabilityai--stable-diffusion-2-1-base",
+    "sdturbo": "stabilityai--sd-turbo",
+    "sdxl": "stabilityai--stable-diffusion-xl-base-1.0",
+    "sdxlturbo": "stabilityai--sdxl-turbo",
+}
+GiB = 2**30
+STD = 0.02
+
+
+def randomize(model, dtype):
+    """Every parameter N(0, STD) in `dtype` (norm scales N(1, STD)), one at a time, so that the modules' lazy
+    float32 initialisation is never computed."""
+    weights = []
+    for name, p in tree_flatten(model.parameters()):
+        scale_of_norm = "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight")
+        w = mx.random.normal(p.shape, dtype=dtype, loc=1.0 if scale_of_norm else 0.0, scale=STD)
+        mx.eval(w)
+        weights.append((name, w))
+    model.load_weights(weights, strict=True)
+    return model
+
+
+def component(model_name, name, dtype, bits=None, convolutions=False):
+    folder = CONFIGS / MODELS[model_name] / name
+    cfg = json.loads((folder / "config.json").read_text())
+    config_cls, model_cls = {
+        "unet": (UNetConfig, UNet2DConditionModel),
+        "vae": (AutoencoderConfig, AutoencoderKL),
+    }.get(name, (CLIPTextConfig, CLIPTextModel))
+    model = randomize(model_cls(config_cls.from_dict(cfg)), dtype)
+    if bits:
+        quantize_model(model, bits, 64, convolutions=convolutions)
+    mx.eval(model.parameters())
+    return model
+
+
+def tokenizer(model_name, name="tokenizer"):
+    folder = CONFIGS / MODELS[model_name] / name
+    return CLIPTokenizer.from_folder(folder if folder.is_dir() else CONFIGS / MODELS["sd21base"] / name)
+
+
+def build(args):
+    """The pipeline with random weights; low_memory reloads (random) text encoders when it needs them again."""
+    dtype = getattr(mx, args.dtype)
+    xl = (CONFIGS / MODELS[args.model] / "text_encoder_2").is_dir()
+
+    def encoders():
+        names = ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"]
+        return [component(args.model, n, dtype, args.quantize) for n in names]
+
+    unet = component(args.model, "unet", dtype, args.quantize, args.q_convs)
+    vae_cfg = json.loads((CONFIGS / MODELS[args.model] / "vae" / "config.json").read_text())
+    vae_dtype = mx.float32 if dtype == mx.float16 and vae_cfg.get("force_upcast", True) else dtype
+    vae = component(args.model, "vae", vae_dtype)
+    scheduler = json.loads((CONFIGS / MODELS[args.model] / "scheduler" / "scheduler_config.json").read_text())
+    if xl:
+        te, te2 = encoders()
+        pipe = StableDiffusionXL(
+            tokenizer(args.model), te, tokenizer(args.model, "tokenizer_2"), te2, unet, vae, scheduler, dtype
+        )
+
+        def reload(p):
+            p.text_encoder, p.text_encoder_2 = encoders()
+    else:
+        pipe = StableDiffusion(tokenizer(args.model), encoders()[0], unet, vae, scheduler, dtype)
+
+        def reload(p):
+            p.text_encoder = encoders()[0]
+
+    pipe.low_memory = args.low_memory
+    pipe.reload_text_encoders = reload
+    return pipe
+
+
+def rss_reset():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+class Phases:
+    """Wraps a pipeline's phase methods (encode_prompt, denoise, decode) to record each one's peaks."""
+
+    def __init__(self, pipe, args):
+        self.rows, self.args, self.pipe = [], args, pipe
+        self.start = None
+        for method, name in (("encode_prompt", "text encoding"), ("decode", "decoding")):
+            setattr(pipe, method, self.wrap(name, getattr(pipe, method)))
+        denoise = pipe.denoise
+
+        def wrapped_denoise(conditioning, latents, scheduler, *a, **k):
+            # generate() takes exactly one item per step and never exhausts the generator: end after the last
+            steps = len(scheduler.timesteps if len(a) < 3 or a[2] is None else a[2])
+            self.begin()
+            for i, step_latents in enumerate(denoise(conditioning, latents, scheduler, *a, **k), 1):
+                if i == steps:
+                    self.end("denoising")
+                yield step_latents
+
+        pipe.denoise = wrapped_denoise
+
+    def wrap(self, name, fn):
+        def wrapped(*a, **k):
+            if name == "decoding" and self.args.free_unet:
+                self.pipe.unet = None
+                gc.collect()
+            self.begin()
+            out = fn(*a, **k)
+            mx.eval(out.embeds if hasattr(out, "embeds") else out)
+            self.end(name)
+            return out
+
+        return wrapped
+
+    def begin(self):
+        gc.collect()
+        mx.reset_peak_memory()
+        self.rss_ok = rss_reset()
+        self.start = time.perf_counter()
+
+    def end(self, name):
+        row = dict(
+            phase=name,
+            seconds=time.perf_counter() - self.start,
+            mlx_peak=mx.get_peak_memory(),
+            rss_peak=rss_peak() if self.rss_ok else None,
+            active_after=mx.get_active_memory(),
+        )
+        self.rows.append(row)
+        rss = f"{row['rss_peak'] / GiB:6.2f}" if row["rss_peak"] is not None else "     -"
+        print(
+            f"  {name:<14} MLX peak {row['mlx_peak'] / GiB:6.2f} GiB   RSS peak {rss} GiB   "
+            f"active after {row['active_after'] / GiB:6.2f} GiB   {row['seconds']:8.1f} s",
+            flush=True,
+        )
+        if self.args.clear_cache:
+            mx.clear_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), default="sd15")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 8")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--quantize", type=int, choices=[4, 8])
+    parser.add_argument("--q-convs", action="store_true", help="with --quantize: the UNet's convolutions too")
+    parser.add_argument("--low-memory", action="store_true", help="the pipeline's low_memory mode")
+    parser.add_argument("--free-unet", action="store_true", help="drop the UNet before decoding")
+    parser.add_argument("--clear-cache", action="store_true", help="mx.clear_cache() after each phase")
+    args = parser.parse_args()
+    if args.size % 8 or not 64 <= args.size <= 2048:
+        parser.error("--size must be a multiple of 8 in [64, 2048]")
+    if not 1 <= args.steps <= 100:
+        parser.error("--steps must be in [1, 100]")
+    if args.q_convs and not args.quantize:
+        parser.error("--q-convs needs --quantize")
+
+    quant = f", {args.quantize}-bit{' + convs' if args.q_convs else ''}" if args.quantize else ""
+    flags = " ".join(f for f, on in (("low_memory", args.low_memory), ("free-unet", args.free_unet)) if on)
+    print(
+        f"{args.model} {args.size}x{args.size}, {args.dtype}{quant}, {args.steps} step(s) {flags}; "
+        f"MLX {mx.__version__} on {mx.default_device()}",
+        flush=True,
+    )
+    mx.random.seed(0)
+    pipe = build(args)
+    gc.collect()
+    print(f"  weights        {mx.get_active_memory() / GiB:6.2f} GiB", flush=True)
+    phases = Phases(pipe, args)
+    mx.reset_peak_memory()
+    pipe.generate(
+        "a photo of an astronaut riding a horse on mars",
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        guidance_scale=7.5,
+        sampler="euler",
+        seed=0,
+    )
+    top = max(phases.rows, key=lambda r: r["mlx_peak"])
+    print(f"  whole generation: MLX peak {top['mlx_peak'] / GiB:.2f} GiB, in {top['phase']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
