@@ -11,8 +11,8 @@ import mlx.core as mx
 
 from .activations import exp_nonpositive
 
-# score elements per query block on the CPU (16M float32: 64 MiB per intermediate)
-ATTENTION_BLOCK = 2**24
+# score elements per query block on the CPU (4M float32: 16 MiB per intermediate)
+ATTENTION_BLOCK = 2**22
 
 
 def attention(q, k, v, scale):

@@ -67,14 +67,23 @@ class GroupNorm(nn.GroupNorm):
     8e-5 against float64 where MLX's is 4e-3, for 1M values per group of mean 1 and deviation 3)."""
 
     def __call__(self, x):
+        return self.normalizer(x)(x)
+
+    def normalizer(self, x):
+        """A function that normalizes x, or any block of its rows, with x's statistics."""
         if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
-            return super().__call__(x)
+            return super().__call__
         B, H, W, C = x.shape
         g = x.reshape(B, H * W, self.num_groups, C // self.num_groups)  # (B, H*W, groups, C / groups)
         mean = g.mean(axis=(1, 3), keepdims=True)
         inv_std = mx.rsqrt(mx.square(g - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
         w, b = (p.reshape(self.num_groups, -1) for p in (self.weight, self.bias))
-        return _normalize(g, mean, inv_std, w, b).reshape(B, H, W, C)
+
+        def normalize(rows):
+            g = rows.reshape(B, -1, self.num_groups, C // self.num_groups)
+            return _normalize(g, mean, inv_std, w, b).reshape(rows.shape)
+
+        return normalize
 
 
 @mx.compile
@@ -82,11 +91,10 @@ def _normalize(g, mean, inv_std, weight, bias):
     return (g - mean) * (inv_std * weight) + bias
 
 
-def upsample_nearest(x):
-    """Nearest-neighbour 2x upsampling, like F.interpolate(scale_factor=2.0, mode="nearest")."""
-    B, H, W, C = x.shape
-    x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-    return x.reshape(B, 2 * H, 2 * W, C)  # (B, 2H, 2W, C)
+def _norm_act(norm, x, act):
+    """rows -> act(norm(rows)) with the statistics of x."""
+    normalize = norm.normalizer(x)
+    return lambda rows: act(normalize(rows))
 
 
 class ResnetBlock2D(nn.Module):
@@ -103,11 +111,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x):
-        h = conv3x3(self.conv1, self.act(self.norm1(x)))
-        h = conv3x3(self.conv2, self.act(self.norm2(h)))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
+        # on the CPU the norms and activations run block by block inside the convolutions (convolution.py)
+        h = conv3x3(self.conv1, x, _norm_act(self.norm1, x, self.act))
+        shortcut = self.conv_shortcut if "conv_shortcut" in self else (lambda rows: rows)
+        return conv3x3(self.conv2, h, _norm_act(self.norm2, h, self.act), residual=lambda a, b: shortcut(x[:, a:b]))
 
 
 class Attention(nn.Module):
@@ -164,7 +171,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x):
-        return conv3x3(self.conv, upsample_nearest(x))
+        return conv3x3(self.conv, x, upsample=True)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -254,7 +261,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return conv3x3(self.conv_out, self.act(self.conv_norm_out(x)))
+        return conv3x3(self.conv_out, x, _norm_act(self.conv_norm_out, x, self.act))
 
 
 class AutoencoderKL(nn.Module):
