@@ -7,11 +7,16 @@ halo, so that the unfolded block stays under CONV_BLOCK elements; what comes bef
 2x upsampling, an elementwise prologue such as GroupNorm's normalization and an activation) is applied per
 block too, so that its full-size results never exist. Each output value is the same dot product over the
 same values as in one call: the result is identical. Elsewhere (Metal, CUDA: implicit-GEMM convolutions),
-and when one block covers the image, it is one call. The blocks are evaluated as they go: not for use
-inside mx.compile.
+when one block covers the image, and inside `whole_images()` (what mx.compile traces: the blocks are
+evaluated as they go), it is one call.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import mlx.core as mx
+
+_WHOLE_IMAGES = ContextVar("whole_images", default=False)
 
 # unfolded-input elements per block (8M: 32 MiB in float32; products of at least 1,800 x 4,608 x C)
 CONV_BLOCK = 2**23
@@ -31,7 +36,7 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     rows = max(1, CONV_BLOCK // (9 * B * scale * W * C))
-    if rows >= scale * H or mx.default_device() != mx.cpu:
+    if rows >= scale * H or not evaluate_blocks():
         out = conv(_input(x, prologue, upsample))
         return out if residual is None else residual(0, scale * H) + out
     out = None
@@ -48,6 +53,22 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
         out[:, start:stop] = block
         mx.eval(out)  # in place; the CPU backend frees the block's unfolded input once evaluated
     return out
+
+
+def evaluate_blocks():
+    """Whether blocked computations evaluate block by block: on the CPU backend, outside `whole_images()`."""
+    return mx.default_device() == mx.cpu and not _WHOLE_IMAGES.get()
+
+
+@contextmanager
+def whole_images():
+    """Within it, conv3x3 makes one call per image and attention.attention evaluates nothing: for code that
+    mx.compile traces."""
+    token = _WHOLE_IMAGES.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_IMAGES.reset(token)
 
 
 def _input(x, prologue, upsample):

@@ -15,6 +15,8 @@ from mlx.utils import tree_flatten
 
 from .activations import gelu, silu
 from .attention import attention
+from .convolution import conv3x3, evaluate_blocks, whole_images
+from .norms import GroupNorm, norm_act
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -199,13 +201,28 @@ class GEGLU(nn.Module):
         return x * gelu(gate)  # exact (erf) gelu
 
 
+# GEGLU projection elements per block of tokens on the CPU (4M: 16 MiB in float32)
+FEED_FORWARD_BLOCK = 2**22
+
+
 class FeedForward(nn.Module):
     def __init__(self, dims, mult=4):
         super().__init__()
         self.net = [GEGLU(dims, mult * dims), nn.Dropout(0.0), nn.Linear(mult * dims, dims)]
+        self.inner = mult * dims
 
     def __call__(self, x):
-        return self.net[2](self.net[0](x))
+        """On the CPU, blocks of tokens evaluated one after the other, so that the 8x wider GEGLU activations
+        exist for one block at a time (as convolution.conv3x3 does for images)."""
+        B, L, _ = x.shape
+        block = max(1, FEED_FORWARD_BLOCK // (B * 2 * self.inner))
+        if block >= L or not evaluate_blocks():
+            return self.net[2](self.net[0](x))
+        outs = []
+        for i in range(0, L, block):
+            outs.append(self.net[2](self.net[0](x[:, i : i + block])))
+            mx.eval(outs[-1])
+        return mx.concatenate(outs, axis=1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -229,7 +246,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         head_dim = channels // heads
         inner = heads * head_dim
-        self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6, pytorch_compatible=True)
         # SD 1.x checkpoints hold 1x1 convs, SD 2.x / SDXL linear layers; on NHWC both act on the last axis
         if config.use_linear_projection:
             self.proj_in = nn.Linear(channels, inner)
@@ -254,21 +271,20 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, config: UNetConfig, in_channels, out_channels, temb_channels):
         super().__init__()
         groups, eps = config.norm_num_groups, config.norm_eps
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x, temb):
-        h = self.conv1(silu(self.norm1(x)))
+        # on the CPU the norms and activations run block by block inside the convolutions (convolution.py)
+        h = conv3x3(self.conv1, x, norm_act(self.norm1, x, silu))
         h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
+        shortcut = self.conv_shortcut if "conv_shortcut" in self else (lambda rows: rows)
+        return conv3x3(self.conv2, h, norm_act(self.norm2, h, silu), residual=lambda a, b: shortcut(x[:, a:b]))
 
 
 class Downsample2D(nn.Module):
@@ -286,6 +302,8 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x, size):
+        if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+            return conv3x3(self.conv, x, upsample=True)
         return self.conv(upsample_nearest(x, size))
 
 
@@ -430,7 +448,7 @@ class UNet2DConditionModel(nn.Module):
             )
             for i in range(n)
         ]
-        self.conv_norm_out = nn.GroupNorm(
+        self.conv_norm_out = GroupNorm(
             config.norm_num_groups, channels[0], eps=config.norm_eps, pytorch_compatible=True
         )
         self.conv_out = nn.Conv2d(
@@ -466,6 +484,8 @@ class UNet2DConditionModel(nn.Module):
             # upsample to the next skip's exact size: 2x, or what diffusers forwards as `upsample_size`
             # when H or W is not a multiple of 2**num_upsamplers
             x = block(x, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
+        if self.config.conv_out_kernel == 3:
+            return conv3x3(self.conv_out, x, norm_act(self.conv_norm_out, x, silu))
         return self.conv_out(silu(self.conv_norm_out(x)))
 
 
@@ -497,7 +517,8 @@ class CompiledUNet:
             self._forward = mx.compile(self.unet.__call__, inputs=self.unet.state)
             self._structure = structure
         timesteps = mx.broadcast_to(mx.array(timestep).astype(mx.float32), (sample.shape[0],))
-        return self._forward(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
+        with whole_images():  # a trace cannot evaluate the convolutions' row blocks
+            return self._forward(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
 
 
 def module_structure(model: nn.Module):

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from .activations import gelu, silu
 from .attention import attention
 from .convolution import conv3x3
+from .norms import GroupNorm, norm_act
 
 # diffusers.models.activations.ACT2CLS
 ACTIVATIONS = {"silu": silu, "swish": silu, "mish": nn.mish, "gelu": gelu, "relu": nn.relu}
@@ -59,44 +60,6 @@ def group_norm(groups, channels):
     return GroupNorm(groups, channels, eps=NORM_EPS, pytorch_compatible=True)
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm(pytorch_compatible=True); in float32 on the CPU, from two reductions and one fused pass.
-
-    MLX's version transposes the groups together and back: five temporaries of the input's size (640 MiB at
-    the decoder's 512x512x128). This one keeps one, and its two-pass variance is the more accurate (max error
-    8e-5 against float64 where MLX's is 4e-3, for 1M values per group of mean 1 and deviation 3)."""
-
-    def __call__(self, x):
-        return self.normalizer(x)(x)
-
-    def normalizer(self, x):
-        """A function that normalizes x, or any block of its rows, with x's statistics."""
-        if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
-            return super().__call__
-        B, H, W, C = x.shape
-        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups)  # (B, H*W, groups, C / groups)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        inv_std = mx.rsqrt(mx.square(g - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
-        w, b = (p.reshape(self.num_groups, -1) for p in (self.weight, self.bias))
-
-        def normalize(rows):
-            g = rows.reshape(B, -1, self.num_groups, C // self.num_groups)
-            return _normalize(g, mean, inv_std, w, b).reshape(rows.shape)
-
-        return normalize
-
-
-@mx.compile
-def _normalize(g, mean, inv_std, weight, bias):
-    return (g - mean) * (inv_std * weight) + bias
-
-
-def _norm_act(norm, x, act):
-    """rows -> act(norm(rows)) with the statistics of x."""
-    normalize = norm.normalizer(x)
-    return lambda rows: act(normalize(rows))
-
-
 class ResnetBlock2D(nn.Module):
     """diffusers.models.resnet.ResnetBlock2D without a time embedding, output_scale_factor 1."""
 
@@ -112,9 +75,9 @@ class ResnetBlock2D(nn.Module):
 
     def __call__(self, x):
         # on the CPU the norms and activations run block by block inside the convolutions (convolution.py)
-        h = conv3x3(self.conv1, x, _norm_act(self.norm1, x, self.act))
+        h = conv3x3(self.conv1, x, norm_act(self.norm1, x, self.act))
         shortcut = self.conv_shortcut if "conv_shortcut" in self else (lambda rows: rows)
-        return conv3x3(self.conv2, h, _norm_act(self.norm2, h, self.act), residual=lambda a, b: shortcut(x[:, a:b]))
+        return conv3x3(self.conv2, h, norm_act(self.norm2, h, self.act), residual=lambda a, b: shortcut(x[:, a:b]))
 
 
 class Attention(nn.Module):
@@ -261,7 +224,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return conv3x3(self.conv_out, x, _norm_act(self.conv_norm_out, x, self.act))
+        return conv3x3(self.conv_out, x, norm_act(self.conv_norm_out, x, self.act))
 
 
 class AutoencoderKL(nn.Module):

@@ -184,6 +184,16 @@ def test_compiled_unet_reads_current_weights_and_structure(tiny):
     assert np.abs(check() - third).max() > 0
 
 
+def test_unet_in_row_blocks_matches_diffusers(tiny, monkeypatch):
+    """The UNet with its 3x3 convolutions in blocks of 3 rows (convolution.conv3x3: norms, activations,
+    upsampling and residuals inside the blocks) against diffusers; same tolerance as whole images."""
+    config, ref, ours, _ = tiny
+    monkeypatch.setattr("mlx_sd.convolution.CONV_BLOCK", 9 * 2 * 12 * 64 * 3)
+    inputs = make_inputs(config, 2, 16, 12)
+    expected = run_torch(ref, inputs, torch.tensor([999.0, 500.5]))
+    np.testing.assert_allclose(run_mlx(ours, inputs, mx.array([999.0, 500.5])), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_strict_loading_names_missing_and_unexpected_keys(tiny):
     config, _, _, folder = tiny
     weights = sanitize(read_safetensors(folder))
