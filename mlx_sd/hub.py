@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .weights import ModelLoadError, refuse_pickle
 
+DEFAULT_MODEL = "stabilityai/sd-turbo"  # what `mlx-sd generate` loads without --model
+
 # Only these files are fetched from the Hub: configs, tokenizer files and non-variant safetensors.
 HUB_PATTERNS = [
     "model_index.json",

@@ -4,17 +4,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .infotext import a1111_parameters
 
-
-def save_png(image, path, parameters=None):
-    """Saves `image` to `path` through a temporary file in the same folder, so no partial file is left."""
+def save_png(image, path, infotext=None):
+    """Saves `image` to `path` through a temporary file in the same folder, so no partial file is left;
+    `infotext` (A1111's `parameters` text) goes into a text chunk."""
     path = Path(path)
     info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", a1111_parameters(parameters))
+    if infotext is not None:
+        info.add_text("parameters", infotext)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -23,3 +23,15 @@ def save_png(image, path, parameters=None):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_png_parameters(path):
+    """The A1111 `parameters` text of a PNG; ValueError naming the file when it has none or cannot be read."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not text:
+        raise ValueError(f"{path} has no generation parameters")
+    return text

@@ -11,6 +11,7 @@ its encoding is
 i.e. each chunk goes through the text encoder on its own and is weighted on its own, as A1111 does.
 """
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ ATTENTION = re.compile(
     re.X,
 )
 BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+MAX_CHUNKS = 32  # 75-token chunks per prompt (2,400 tokens)
 
 
 def parse_prompt_attention(text):
@@ -76,6 +78,9 @@ def parse_prompt_attention(text):
         multiply(start, SQUARE)
     if not pieces:
         pieces = [["", 1.0]]
+    for text, weight in pieces:
+        if not math.isfinite(weight):
+            raise ValueError(f"prompt weight of {text.strip()[:40]!r} is not a finite number")
 
     merged = [pieces[0]]
     for piece in pieces[1:]:
@@ -153,6 +158,8 @@ def chunk_prompt(tokenizer, text, chunk_size=75, truncate=False, comma_backtrack
     (comma_backtrack=0 turns this off). truncate=True keeps the first chunk only and warns.
     """
     split = _split_chunks(tokenizer, text, chunk_size, comma_backtrack)
+    if len(split) > MAX_CHUNKS:
+        raise ValueError(f"prompt is {len(split)} chunks of {chunk_size} tokens long; at most {MAX_CHUNKS} are allowed")
     if truncate and len(split) > 1:
         cut = [t for tokens, _ in split[1:] for t in tokens]
         warnings.warn(f"Prompt longer than one chunk; cut off: {tokenizer.decode(cut)!r}", stacklevel=3)

@@ -518,3 +518,9 @@ def default_sampler(config):
         return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
     known = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a", "DDIMScheduler": "ddim"}
     return known.get(name, "euler")
+
+
+def max_steps(sampler, config):
+    """The most steps `sampler` supports with a scheduler config: its number of training timesteps."""
+    resolve_sampler(sampler)
+    return int(config.get("num_train_timesteps", 1000))

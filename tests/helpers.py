@@ -233,7 +233,7 @@ def run_both(
         ).images
     images = ours.generate(
         prompt,
-        negative_prompt=negative_prompt,
+        negative_prompt=negative_prompt or None,
         width=width,
         height=height,
         steps=steps,

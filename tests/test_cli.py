@@ -71,10 +71,10 @@ def test_generate_never_overwrites(model, tmp_path):
 @pytest.mark.parametrize(
     "args,code,message",
     [
-        (["-W", "30"], 2, "must be a positive multiple of 8"),
-        (["--steps", "0"], 2, "must be at least 1"),
-        (["--cfg", "-1"], 2, "must be at least 0"),
-        (["--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of: euler (Euler), euler_a (Euler a)"),
+        (["-W", "30"], 2, "width must be a multiple of 8, got 30"),
+        (["--steps", "0"], 2, "steps must be between 1 and 1000, got 0"),
+        (["--cfg", "-1"], 2, "guidance scale must be a finite number between 0 and 100, got -1.0"),
+        (["--sampler", "nonsense"], 2, "unknown sampler 'nonsense'; choose one of: euler (Euler), euler_a (Euler a)"),
         (["-o", "out.jpg"], 2, "output must be a .png file"),
         (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
         (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
@@ -340,8 +340,8 @@ def test_image_to_image_and_inpainting_from_files(model, tmp_path):
 @pytest.mark.parametrize(
     "args,code,message",
     [
-        (["--mask", "m.png"], 2, "--mask needs --image"),
-        (["--strength", "1.5", "--image", "x.png"], 2, "1.5 is not in the range 0<=x<=1"),
+        (["--mask", "m.png"], 2, "a mask needs an image to inpaint"),
+        (["--strength", "1.5", "--image", "x.png"], 2, "strength must be a finite number between 0 and 1, got 1.5"),
     ],
 )
 def test_image_usage_errors(model, args, code, message):

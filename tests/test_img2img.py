@@ -184,7 +184,7 @@ def run_both(
 
     images = ours.generate(
         PROMPT,
-        negative_prompt=negative_prompt,
+        negative_prompt=negative_prompt or None,
         image=image if ours_image is None else ours_image,
         strength=strength,
         mask=mask if ours_mask is None else ours_mask,

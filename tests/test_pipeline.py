@@ -101,8 +101,8 @@ def test_seed_is_reproducible_and_reported(pipelines):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(width=60), "multiples of 8"),
-        (dict(steps=0), "steps must be at least 1"),
+        (dict(width=60), "multiple of 8"),
+        (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(guidance_scale=-1), "guidance scale"),
         (dict(sampler="plms"), "unknown sampler"),
         (dict(latents=mx.zeros((1, 4, 4, 4))), "latents must have shape"),
