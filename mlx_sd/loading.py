@@ -10,6 +10,7 @@ from .clip import sanitize as sanitize_clip
 from .hub import resolve_model
 from .quantize import quantize_model, rebuild_quantized
 from .single_file import load_single_file
+from .thread_exit import clear_mlx_state_at_thread_exit
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .unet import sanitize as sanitize_unet
@@ -86,6 +87,7 @@ def load_component(folder, name, dtype, quantize=None, checkpoint=None):
     the config and the weights come from the file."""
     config = read_json(Path(folder) / name / "config.json")
     config_cls, model_cls, sanitize = MODELS[name]
+    clear_mlx_state_at_thread_exit()
     model = model_cls(config_cls.from_dict(config))
     if checkpoint is not None:
         weights = sanitize(_single_file_component(checkpoint, name, folder))

@@ -16,9 +16,10 @@ from PIL import Image
 
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
-from .prompts import apply_weights, chunk_prompt, pad_chunks
+from .prompts import apply_weights, chunk_prompt, count_chunks, pad_chunks
 from .schedulers import default_sampler, make_scheduler
 from .settings import FIELDS, GenerationSettings, ModelLimits, image_seed
+from .thread_exit import clear_mlx_state_at_thread_exit
 from .vae import should_tile
 from .weights import ModelLoadError, read_json
 
@@ -223,6 +224,7 @@ class StableDiffusion:
             scheduler_config=self.scheduler_config,
             size_conditioning=self.size_conditioning,
             image_size=lambda image: default_size(image, self.vae_scale_factor),
+            prompt_chunks=lambda text: max(count_chunks(getattr(self, t), text) for t, _ in self.text_encoders),
             memory_needed=self.memory_needed,
         )
 
@@ -344,6 +346,7 @@ class StableDiffusion:
 
         Arguments as generate(). Each step is computed when the next item is asked for: stopping the iteration
         (break, or closing the generator) cancels the generation."""
+        clear_mlx_state_at_thread_exit()
         mx.reset_peak_memory()
         job = self.prepare(prompt, **settings)
         s, timings = job.settings, job.timings

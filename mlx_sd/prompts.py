@@ -36,7 +36,6 @@ ATTENTION = re.compile(
     re.X,
 )
 BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-MAX_CHUNKS = 32  # 75-token chunks per prompt (2,400 tokens)
 
 
 def parse_prompt_attention(text):
@@ -150,6 +149,11 @@ def _row(tokenizer, tokens, chunk_size):
     return row
 
 
+def count_chunks(tokenizer, text, chunk_size=75, comma_backtrack=20):
+    """The number of chunks chunk_prompt makes of `text`."""
+    return len(_split_chunks(tokenizer, text, chunk_size, comma_backtrack))
+
+
 def chunk_prompt(tokenizer, text, chunk_size=75, truncate=False, comma_backtrack=20):
     """Tokenizes an A1111 prompt into chunks of chunk_size tokens (+ BOS/EOS).
 
@@ -158,8 +162,6 @@ def chunk_prompt(tokenizer, text, chunk_size=75, truncate=False, comma_backtrack
     (comma_backtrack=0 turns this off). truncate=True keeps the first chunk only and warns.
     """
     split = _split_chunks(tokenizer, text, chunk_size, comma_backtrack)
-    if len(split) > MAX_CHUNKS:
-        raise ValueError(f"prompt is {len(split)} chunks of {chunk_size} tokens long; at most {MAX_CHUNKS} are allowed")
     if truncate and len(split) > 1:
         cut = [t for tokens, _ in split[1:] for t in tokens]
         warnings.warn(f"Prompt longer than one chunk; cut off: {tokenizer.decode(cut)!r}", stacklevel=3)

@@ -18,7 +18,8 @@ SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit; image i uses (seed + i) mod 2
 MAX_SIDE = 8192  # pixels per side
 MAX_PIXELS = 4096 * 4096  # pixels per image
 MAX_IMAGES = 10_000  # images per generation / per command
-MAX_PROMPT_CHARS = 20_000  # characters per prompt; prompts.MAX_CHUNKS bounds the tokens
+MAX_PROMPT_CHARS = 20_000  # characters per prompt
+MAX_CHUNKS = 32  # 75-token chunks per prompt (2,400 tokens)
 MAX_GUIDANCE = 100.0
 MAX_MASK_BLUR = 256.0  # pixels
 MAX_SIZE_CONDITIONING = 4 * MAX_SIDE  # SDXL's original / target size and crop coordinates
@@ -136,6 +137,10 @@ class GenerationSettings:
         return s
 
     def _check_for(self, model):
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt or "")):
+            chunks = 1 if self.truncate_prompt else model.prompt_chunks(text)
+            if chunks > MAX_CHUNKS:
+                raise SettingsError(f"{name} is {chunks} chunks of 75 tokens long; at most {MAX_CHUNKS} are allowed")
         f = model.vae_scale_factor
         if self.width % f or self.height % f:
             raise SettingsError(f"width and height must be multiples of {f}, got {self.width}x{self.height}")
@@ -243,6 +248,7 @@ class ModelLimits:
     scheduler_config: dict
     size_conditioning: bool  # SDXL
     image_size: object  # image -> (width, height) default output size
+    prompt_chunks: object  # prompt -> the number of 75-token chunks it is encoded in
     memory_needed: object  # (settings) -> bytes a generation needs at its peak
 
 

@@ -208,7 +208,7 @@ def run_both(
     steps,
     guidance_scale,
     num_images=1,
-    negative_prompt="",
+    negative_prompt=None,
     clip_skip=None,
     prompt="a photo of an astronaut riding a horse on mars",
     truncate_prompt=False,
@@ -221,7 +221,7 @@ def run_both(
     with torch.no_grad():
         expected = reference(
             prompt,
-            negative_prompt=negative_prompt or None,
+            negative_prompt=negative_prompt,
             width=width,
             height=height,
             num_inference_steps=steps,
@@ -233,7 +233,7 @@ def run_both(
         ).images
     images = ours.generate(
         prompt,
-        negative_prompt=negative_prompt or None,
+        negative_prompt=negative_prompt,
         width=width,
         height=height,
         steps=steps,
