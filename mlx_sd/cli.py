@@ -211,6 +211,7 @@ def generate(
             grid=grid,
             preview=preview,
             verbose=verbose,
+            overwrite=overwrite,
         )
         _generate(settings, seed, seeds, paths, progress, **options)
 
@@ -231,6 +232,7 @@ def _generate(
     grid,
     preview,
     verbose,
+    overwrite,
 ):
     from .pipeline import GenerationCancelled, StableDiffusion
     from .png import save_png
@@ -242,7 +244,7 @@ def _generate(
             settings["model"], dtype=dtype, low_memory=low_memory, quantize=int(quantize) if quantize else None
         )
         load_time = time.perf_counter() - tic
-        images = []
+        images, previews = [], []  # previews: the preview's name, claimed by its first save
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             progress.start_image()
@@ -250,7 +252,8 @@ def _generate(
             def on_step(step, total, latents):
                 progress(step, total, latents)
                 if preview:
-                    save_png(pipe.decode_preview(latents)[0], paths[0].with_suffix(".preview.png"))
+                    target = previews[0] if previews else paths[0].with_suffix(".preview.png")
+                    previews[:] = [save_png(pipe.decode_preview(latents)[0], target, overwrite=bool(previews))]
 
             batch = pipe.generate(
                 settings["prompt"],
@@ -274,16 +277,16 @@ def _generate(
             for i, image in enumerate(batch):
                 images.append((image, {**batch.parameters, "seed": seed + start + i}))
                 if not grid:
-                    save_png(image, paths[start + i], images[-1][1])
-                    click.echo(f"seed {seed + start + i}: {paths[start + i]}")
+                    path = save_png(image, paths[start + i], images[-1][1], overwrite)
+                    click.echo(f"seed {seed + start + i}: {path}")
             if verbose:
                 timings = ", ".join(f"{k} {v:.2f}s" for k, v in batch.timings.items())
                 click.echo(
                     f"load {load_time:.2f}s, {timings}, peak memory {batch.peak_memory / 2**30:.2f} GiB", err=True
                 )
         if grid:
-            save_png(contact_sheet([image for image, _ in images]), paths[0], images[0][1])
-            click.echo(f"seeds {seeds[0]}-{seeds[-1]}: {paths[0]}")
+            path = save_png(contact_sheet([image for image, _ in images]), paths[0], images[0][1], overwrite)
+            click.echo(f"seeds {seeds[0]}-{seeds[-1]}: {path}")
     except KeyboardInterrupt:
         click.echo("\ninterrupted; no partial file was written", err=True)
         sys.exit(130)

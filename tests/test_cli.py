@@ -76,7 +76,7 @@ def test_generate_never_overwrites(model, tmp_path):
         (["--cfg", "-1"], 2, "must be at least 0"),
         (["--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of: euler (Euler), euler_a (Euler a)"),
         (["-o", "out.jpg"], 2, "output must be a .png file"),
-        (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
+        (["-o", "out-{step}.png"], 2, "unknown field '{step}'"),
         (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
     ],
 )
