@@ -279,3 +279,22 @@ def unwritable_folder(tmp_path):
     except OSError:
         return Path("/sys")
     pytest.skip("no folder here refuses root's writes")
+
+
+def bomb_png(path, side=30_000):
+    """A tiny PNG file whose header claims side x side pixels: PIL refuses it as a decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header
+    ihdr[4:12] = struct.pack(">II", side, side)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
