@@ -1,6 +1,7 @@
 """The `mlx-sd` command line: a thin layer over mlx_sd's Python API."""
 
 import random
+import signal
 import sys
 import time
 import warnings
@@ -373,7 +374,23 @@ def info(path):
 cli.add_command(convert_command)
 
 
+def _interrupt(signum, frame):
+    """SIGTERM and SIGHUP act as Ctrl-C (temporary files and work folders removed, exit 130); repeats are
+    ignored, so that the clean-up finishes."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers():
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+
+
 def main():
+    install_signal_handlers()
     cli(prog_name="mlx-sd")
 
 

@@ -106,31 +106,60 @@ def _naturals(value):
     return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
 
 
-def read_safetensors(folder):
-    """All weights of one component folder (single or sharded safetensors), as MLX arrays."""
+def read_safetensors(folder, variant=None):
+    """All weights of one component folder (single or sharded safetensors), as MLX arrays (see weight_files)."""
+    weights = {}
+    for path in weight_files(folder, variant):
+        weights.update(_load_file(path))
+    return weights
+
+
+def read_safetensors_headers(folder, variant=None):
+    """name -> Tensor(shape, dtype) of the weights read_safetensors would read, without reading them."""
+    tensors = {}
+    for path in weight_files(folder, variant):
+        tensors.update(safetensors_header(path))
+    return tensors
+
+
+def weight_files(folder, variant=None):
+    """The safetensors files holding one component's weights, as diffusers picks them: with `variant` ("fp16")
+    its `{stem}.{variant}.safetensors` (or sharded index) where the folder has one, else the plain files; a
+    folder holding a single weights file (a variant one included) gives that file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"missing component folder {folder}: is {folder.parent} a diffusers-format model folder?")
-    for stem in ("diffusion_pytorch_model", "model"):
-        single = folder / f"{stem}.safetensors"
-        index = folder / f"{stem}.safetensors.index.json"
-        if single.is_file():
-            return _load_file(single)
-        if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            weights = {}
-            for shard in shards:
-                weights.update(_load_file(folder / shard))
-            return weights
+    for infix in (f".{variant}", "") if variant else ("",):
+        for stem in ("diffusion_pytorch_model", "model"):
+            single = folder / f"{stem}{infix}.safetensors"
+            index = folder / f"{stem}.safetensors.index{infix}.json"
+            if single.is_file():
+                return [single]
+            if index.is_file():
+                return _shards(index)
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
-        return _load_file(files[0])
+        return files
+    if files:
+        names = ", ".join(f.name for f in files[:4])
+        raise ModelLoadError(f"{folder} holds several weight files ({names}): choose one with variant=")
     if any(is_pickle(f) for f in folder.iterdir()):
         raise ModelLoadError(
             f"{folder} holds only pickle weights; mlx_sd loads safetensors only "
             "(save the model with safe_serialization=True)"
         )
     raise ModelLoadError(f"no safetensors weights found in {folder}")
+
+
+def _shards(index):
+    """The shard files a sharded checkpoint's index names (plain file names in its folder)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index} has no weight_map of tensor names to shard files")
+    shards = sorted(set(weight_map.values()))
+    if any(Path(shard).name != shard or shard in ("", ".", "..") for shard in shards):
+        raise ModelLoadError(f"{index} names a shard outside its folder")
+    return [index.parent / shard for shard in shards]
 
 
 def _load_file(path):
