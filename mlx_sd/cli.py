@@ -308,12 +308,13 @@ PNG_SETTINGS = [
 
 def settings_from_png(path):
     """generate()'s settings from the A1111 `parameters` text of a PNG."""
-    from PIL import Image
-
     from .infotext import parse_a1111_parameters
+    from .png import read_parameters
 
-    with Image.open(path) as image:
-        text = getattr(image, "text", {}).get("parameters")
+    try:
+        text, _ = read_parameters(path)
+    except ValueError as e:  # unreadable, truncated, not a PNG, a decompression bomb
+        raise click.BadParameter(str(e), param_hint="--from-png") from None
     if not text:
         raise click.BadParameter(f"{path} has no generation parameters", param_hint="--from-png")
     p = parse_a1111_parameters(text)

@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__
-from .hub import CONFIG_PATTERNS, resolve_model
+from .hub import CONFIG_PATTERNS, resolve_model, resolve_variant
 from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, model_family, single_file_components
 from .pipeline import DTYPES, PIPELINES
 from .quantize import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES, quantize_model
@@ -50,6 +50,7 @@ def convert(
     prediction_type=None,
     config=None,
     force=False,
+    variant=None,
 ):
     """Converts `source` into the MLX model folder `output_dir`; returns its path.
 
@@ -57,7 +58,9 @@ def convert(
     XL in the original LDM layout; its configs come from `config`, a diffusers folder or repo id, else from the
     bundled ones of its family, which for SD 2.x need `prediction_type`). quantize: None, 4 or 8 bits for the
     text encoders and the UNet (and the VAE with quantize_vae), in groups of `q_group_size`: their Linear layers,
-    and with quantize_convolutions the UNet's convolutions too (but conv_in and conv_out).
+    and with quantize_convolutions the UNet's convolutions too (but conv_in and conv_out). variant: the source
+    weights to read (hub.resolve_variant): by default fp16 files where a repo or folder has them and `dtype` is
+    float16 or bfloat16 (half the download), "none" for the full-precision files.
 
     One component is converted at a time. Everything is written to a work folder next to `output_dir`
     (`.NAME.converting-PID-*`) and renamed at the end: a failed or interrupted conversion leaves nothing
@@ -66,23 +69,15 @@ def convert(
     folder out. Work folders of conversions that died (killed, power loss) are removed by the next one, and
     an interrupted replacement is finished (or undone, if the new folder was incomplete).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if quantize is not None and quantize not in QUANTIZE_BITS:
-        raise ValueError(f"quantize must be one of {QUANTIZE_BITS} (bits), got {quantize!r}")
-    if q_group_size not in QUANTIZE_GROUP_SIZES:
-        raise ValueError(f"the quantization group size must be one of {QUANTIZE_GROUP_SIZES}, got {q_group_size!r}")
-    if (quantize_vae or quantize_convolutions) and quantize is None:
-        raise ValueError("quantize_vae and quantize_convolutions need quantize (4 or 8 bits)")
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}")
+    _check_arguments(dtype, quantize, q_group_size, quantize_vae or quantize_convolutions, prediction_type)
+    chosen = resolve_variant(dtype, variant)
     output = Path(output_dir).expanduser()
     if not output.parent.is_dir():
         raise FileNotFoundError(f"folder {output.parent} does not exist")
     with _lock(output):
         _recover(output)
         _check_output(output, force)
-        folder, checkpoint, family = _open_source(source, prediction_type, config)
+        folder, checkpoint, family = _open_source(source, prediction_type, config, dtype, variant)
         for used in (folder, checkpoint):
             if used is not None and force and Path(used).resolve().is_relative_to(output.resolve()):
                 raise ValueError(f"refusing to replace {output}: the model being converted is in it")
@@ -91,40 +86,52 @@ def convert(
             raise ModelLoadError(f"{source} is a {index.get('_class_name')}; mlx_sd converts {', '.join(PIPELINES)}")
         components = [name for name in MODELS if name in index]
         quantized = [name for name in components if quantize and (name != "vae" or quantize_vae)]
+        quantization = quantize and {
+            "bits": quantize,
+            "group_size": q_group_size,
+            "components": quantized,
+            "convolutions": quantize_convolutions,
+        }
         work = _work_folder(output)
         try:
             for name in components:
+                bits = quantize if name in quantized else None
+                convolutions = quantize_convolutions and name == "unet"
                 _convert_component(
-                    folder,
-                    name,
-                    work,
-                    DTYPES[dtype],
-                    quantize if name in quantized else None,
-                    q_group_size,
-                    checkpoint,
-                    quantize_convolutions and name == "unet",
+                    folder, name, work, DTYPES[dtype], bits, q_group_size, checkpoint, convolutions, chosen
                 )
             _copy_configs(folder, work, index, prediction_type)
             manifest = _manifest(source, family, dtype, read_json(work / "scheduler" / "scheduler_config.json"))
-            manifest["quantization"] = quantize and {
-                "bits": quantize,
-                "group_size": q_group_size,
-                "components": quantized,
-                "convolutions": quantize_convolutions,
-            }
-            (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
             _replace(work, output)
         except BaseException as e:  # KeyboardInterrupt (and SIGTERM/SIGHUP in the CLI) included
             shutil.rmtree(work, ignore_errors=True)
             if _disk_full(e):
-                needed = _estimated_size(folder, components, checkpoint, DTYPES[dtype])
-                free = shutil.disk_usage(output.parent).free
-                raise OSError(
-                    f"not enough space in {output.parent} to write {output.name}: the conversion needs up to "
-                    f"about {_gib(needed)}, {_gib(free)} are free (nothing was written)"
-                ) from None
+                needed = _estimated_size(folder, components, checkpoint, DTYPES[dtype], chosen)
+                raise _disk_full_error(output, needed) from None
             raise
     return output
+
+
+def _check_arguments(dtype, quantize, q_group_size, quantize_more, prediction_type):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ValueError(f"quantize must be one of {QUANTIZE_BITS} (bits), got {quantize!r}")
+    if q_group_size not in QUANTIZE_GROUP_SIZES:
+        raise ValueError(f"the quantization group size must be one of {QUANTIZE_GROUP_SIZES}, got {q_group_size!r}")
+    if quantize_more and quantize is None:
+        raise ValueError("quantize_vae and quantize_convolutions need quantize (4 or 8 bits)")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}")
+
+
+def _disk_full_error(output, needed):
+    free = shutil.disk_usage(output.parent).free
+    return OSError(
+        f"not enough space in {output.parent} to write {output.name}: the conversion needs up to about "
+        f"{_gib(needed)}, {_gib(free)} are free (nothing was written)"
+    )
 
 
 def _manifest(source, family, dtype, scheduler):
@@ -158,7 +165,7 @@ def _replaceable(output):
     return (output / MANIFEST).is_file() or not any(output.iterdir())
 
 
-def _open_source(source, prediction_type, config):
+def _open_source(source, prediction_type, config, dtype, variant):
     """(folder with configs [and weights], single-file checkpoint or None, family)."""
     path = Path(source).expanduser()
     refuse_pickle(path)
@@ -171,16 +178,16 @@ def _open_source(source, prediction_type, config):
         return resolve_model(config, CONFIG_PATTERNS), path, family
     if config is not None:
         raise ValueError("--config (config=) applies to single-file checkpoints only; a model folder has its configs")
-    folder = resolve_model(source)
+    folder = resolve_model(source, dtype=dtype, variant=variant)
     if is_converted(folder) and read_json(folder / MANIFEST).get("quantization"):
         raise ValueError(f"{source} is already quantized; convert the original model instead")
     return folder, None, model_family(folder)
 
 
-def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False):
+def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False, variant=None):
     """Loads one component strictly, quantizes it if asked, and saves it in MLX layout; then it is freed."""
     try:
-        model = load_component(folder, name, dtype, checkpoint=checkpoint)
+        model = load_component(folder, name, dtype, checkpoint=checkpoint, variant=variant)
     except ModelLoadError as e:
         if checkpoint is None:
             raise
@@ -349,13 +356,15 @@ def _disk_full(e):
     return isinstance(e, RuntimeError) and "Unable to write" in str(e)  # mx.save_safetensors' message
 
 
-def _estimated_size(folder, components, checkpoint, dtype):
+def _estimated_size(folder, components, checkpoint, dtype, variant=None):
     """Bytes of the converted weights before quantization: the source's element counts in `dtype`."""
     if checkpoint is not None:
         parts = single_file_components(checkpoint)[1]
         count = sum(v.size for name in components for v in parts.get(name, {}).values())
     else:
-        count = sum(math.prod(t.shape) for name in components for t in read_safetensors_headers(folder / name).values())
+        count = sum(
+            math.prod(t.shape) for name in components for t in read_safetensors_headers(folder / name, variant).values()
+        )
     return count * dtype.size
 
 
@@ -392,9 +401,25 @@ def _folder_size(folder):
     help="What the model predicts; needed for SD 2.x single files (epsilon: 2.x base, v_prediction: 768).",
 )
 @click.option("--config", help="Diffusers folder or Hub repo id whose configs fit a single-file checkpoint.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@click.option(
+    "--variant",
+    help="Source weights: fp16 (the default for float16/bfloat16 where the repo or folder has *.fp16.safetensors: "
+    "half the download) or none (full precision).",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is empty or a folder mlx-sd convert wrote.")
 def convert_command(
-    source, output_dir, dtype, quantize, q_bits, q_group_size, quantize_vae, q_convs, prediction_type, config, force
+    source,
+    output_dir,
+    dtype,
+    quantize,
+    q_bits,
+    q_group_size,
+    quantize_vae,
+    q_convs,
+    prediction_type,
+    config,
+    variant,
+    force,
 ):
     """Convert SOURCE (Hub repo id, diffusers folder or single-file .safetensors) into the MLX model OUTPUT_DIR."""
     if (q_bits or q_group_size or quantize_vae or q_convs) and not quantize:
@@ -414,6 +439,7 @@ def convert_command(
                 prediction_type=prediction_type,
                 config=config,
                 force=force,
+                variant=variant,
             )
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM / SIGHUP through mlx_sd.cli.main
         click.echo("\ninterrupted; nothing was written", err=True)
