@@ -103,7 +103,7 @@ def convert(
             _copy_configs(folder, work, index, prediction_type)
             manifest = _manifest(source, family, dtype, read_json(work / "scheduler" / "scheduler_config.json"))
             (work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
-            _replace(work, output)
+            _replace(work, output, force)
         except BaseException as e:  # KeyboardInterrupt (and SIGTERM/SIGHUP in the CLI) included
             shutil.rmtree(work, ignore_errors=True)
             if _disk_full(e):
@@ -223,14 +223,14 @@ def _copy_configs(folder, work, index, prediction_type):
                 shutil.copyfile(f, work / name / f.name)
 
 
-def _replace(work, output):
+def _replace(work, output, force):
     """Renames the finished `work` folder to `output`. An existing `output` is first renamed aside to
     `.NAME.replaced-PID` and removed once `work` has its name; if the process dies in between, the next
     conversion into `output` finishes the swap (_recover)."""
     if not (output.exists() or output.is_symlink()):
         work.rename(output)
         return
-    _check_output(output, force=True)  # it may have changed while converting
+    _check_output(output, force)  # it may have appeared or changed while converting
     old = output.with_name(f".{output.name}.replaced-{os.getpid()}")
     output.rename(old)
     try:

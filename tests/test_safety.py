@@ -67,6 +67,21 @@ def test_force_replaces_only_mlx_sd_or_empty_folders(source, tmp_path):
     assert names(tmp_path) == ["documents", "empty", "notes"]
 
 
+def test_a_folder_appearing_during_conversion_is_kept(source, tmp_path, monkeypatch):
+    out, real = tmp_path / "mlx", convert_module._convert_component
+
+    def someone_writes(folder, name, *args):
+        if not out.exists():
+            out.mkdir()
+            (out / "mlx_sd.json").write_text("{}")
+        return real(folder, name, *args)
+
+    monkeypatch.setattr(convert_module, "_convert_component", someone_writes)
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        convert(source, out, dtype="float32")
+    assert names(tmp_path) == ["mlx"] and names(out) == ["mlx_sd.json"]
+
+
 def test_converted_folders_get_normal_modes(source, tmp_path):
     old = os.umask(0o022)
     try:
