@@ -1,10 +1,11 @@
 """The `mlx-sd` command line: a thin layer over mlx_sd's Python API."""
 
 import random
+import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 
@@ -65,6 +66,7 @@ def cli():
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Images generated together.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Default: float16 on a GPU, float32 on the CPU.")
 @click.option("-q", "--quantize", type=click.Choice(["4", "8"]), help="Quantize the text encoders and UNet.")
+@click.option("--variant", help="Weight files: fp16 or none (default: fp16 files for float16/bfloat16 if present).")
 @click.option("--image", type=click.Path(dir_okay=False), help="Image-to-image: start from this image.")
 @click.option("--strength", type=float, help="Share of the schedule run on --image (0.8; 1.0 with --mask).")
 @click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
@@ -80,8 +82,8 @@ def cli():
 @click.option("--from-png", type=click.Path(exists=True, dir_okay=False), help="Settings from a PNG's parameters.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Print the dtype, timings per phase and peak memory.")
-def generate(prompt, model, num_images, batch_size, dtype, quantize, low_memory, output, overwrite, grid, preview,
-             from_png, quiet, verbose, **options):  # fmt: skip
+def generate(prompt, model, num_images, batch_size, dtype, quantize, variant, low_memory, output, overwrite, grid,
+             preview, from_png, quiet, verbose, **options):  # fmt: skip
     """Generate images from PROMPT."""
     try:
         settings, model = _generation_settings(prompt, model, from_png, options)
@@ -93,10 +95,13 @@ def generate(prompt, model, num_images, batch_size, dtype, quantize, low_memory,
     seeds = [image_seed(seed, i) for i in range(num_images)]
     paths = output_paths(output, seeds[:1] if grid else seeds, overwrite)
     run = Run(settings.replace(seed=seed), paths, Progress(not quiet and sys.stderr.isatty(), num_images), grid,
-              preview, verbose)  # fmt: skip
+              preview, verbose, overwrite)  # fmt: skip
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
-        _run(run, model, num_images, batch_size, dtype, int(quantize) if quantize else None, low_memory)
+        loading = dict(
+            dtype=dtype, low_memory=low_memory, quantize=int(quantize) if quantize else None, variant=variant
+        )
+        _run(run, model, num_images, batch_size, loading)
 
 
 class UsageError(click.ClickException):
@@ -135,18 +140,20 @@ class Run:
     grid: bool
     preview: bool
     verbose: bool
+    overwrite: bool
+    previews: list = field(default_factory=list)  # the preview's name, claimed by its first save
 
 
-def _run(run, model, num_images, batch_size, dtype, quantize, low_memory):
+def _run(run, model, num_images, batch_size, loading):
     """Loads the model and generates the images batch by batch, saving each as soon as it is made."""
     from .pipeline import GenerationCancelled, StableDiffusion
     from .weights import ModelLoadError
 
     try:
         tic = time.perf_counter()
-        pipe = StableDiffusion.from_pretrained(model, dtype=dtype, low_memory=low_memory, quantize=quantize)
+        pipe = StableDiffusion.from_pretrained(model, **loading)
         if run.verbose:
-            chosen = "" if dtype else " (the default on this backend)"
+            chosen = "" if loading["dtype"] else " (the default on this backend)"
             click.echo(f"{model}: {pipe.family}, dtype {DTYPE_NAMES[pipe.dtype]}{chosen}", err=True)
         load_time = time.perf_counter() - tic
         sheet = []
@@ -158,8 +165,8 @@ def _run(run, model, num_images, batch_size, dtype, quantize, low_memory):
                 peak = batch.peak_memory / 2**30
                 click.echo(f"load {load_time:.2f}s, {timings}, peak memory {peak:.2f} GiB", err=True)
         if run.grid:
-            save_png(contact_sheet([image for image, _ in sheet]), run.paths[0], sheet[0][1])
-            click.echo(f"seeds {run.settings.seed}-{image_seed(run.settings.seed, num_images - 1)}: {run.paths[0]}")
+            path = save_png(contact_sheet([image for image, _ in sheet]), run.paths[0], sheet[0][1], run.overwrite)
+            click.echo(f"seeds {run.settings.seed}-{image_seed(run.settings.seed, num_images - 1)}: {path}")
     except KeyboardInterrupt:
         click.echo("\ninterrupted; no partial file was written", err=True)
         sys.exit(130)
@@ -176,7 +183,8 @@ def _batch(pipe, run, start, count):
     def on_step(step, total, latents):
         run.progress(step, total, latents)
         if run.preview:
-            save_png(pipe.decode_preview(latents)[0], run.paths[0].with_suffix(".preview.png"))
+            target = run.previews[0] if run.previews else run.paths[0].with_suffix(".preview.png")
+            run.previews[:] = [save_png(pipe.decode_preview(latents)[0], target, overwrite=bool(run.previews))]
 
     settings = run.settings.replace(seed=image_seed(run.settings.seed, start), num_images=count)
     return pipe.generate(settings, callback=on_step)
@@ -186,8 +194,8 @@ def _save(run, batch, start):
     """Saves a batch's images (unless they go on one sheet); returns [(image, infotext), ...]."""
     saved = [(image, batch.infotext(i)) for i, image in enumerate(batch)]
     for i, (image, infotext) in enumerate(saved if not run.grid else []):
-        save_png(image, run.paths[start + i], infotext)
-        click.echo(f"seed {image_seed(batch.seed, i)}: {run.paths[start + i]}")
+        path = save_png(image, run.paths[start + i], infotext, run.overwrite)
+        click.echo(f"seed {image_seed(batch.seed, i)}: {path}")
     return saved
 
 
@@ -229,7 +237,23 @@ def info(path):
 cli.add_command(convert_command)
 
 
+def _interrupt(signum, frame):
+    """SIGTERM and SIGHUP act as Ctrl-C (temporary files and work folders removed, exit 130); repeats are
+    ignored, so that the clean-up finishes."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers():
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+
+
 def main():
+    install_signal_handlers()
     cli(prog_name="mlx-sd")
 
 

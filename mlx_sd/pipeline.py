@@ -14,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .hub import resolve_variant
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
 from .prompts import apply_weights, chunk_prompt, count_chunks, pad_chunks
@@ -142,7 +143,7 @@ class StableDiffusion:
         self.defaults = _defaults(self.unet.config, scheduler_config, self.vae_scale_factor)
         self.clip_layers = min(getattr(self, e).config.num_hidden_layers for _, e in self.text_encoders)
         self.low_memory = False
-        self._source = None  # (folder, checkpoint, quantize): set by from_pretrained, to reload text encoders
+        self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to reload text encoders
 
     @property
     def models(self):
@@ -175,25 +176,28 @@ class StableDiffusion:
             raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
         self._load_text_encoders(*self._source)
 
-    def _load_text_encoders(self, folder, checkpoint, quantize):
+    def _load_text_encoders(self, folder, checkpoint, quantize, variant):
         for tokenizer, encoder in self.text_encoders:
-            _, model = load_text_encoder(folder, tokenizer, encoder, self.dtype, quantize, checkpoint)
+            _, model = load_text_encoder(folder, tokenizer, encoder, self.dtype, quantize, checkpoint, variant)
             setattr(self, encoder, model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=None, low_memory=False, quantize=None):
+    def from_pretrained(cls, name_or_path, dtype=None, low_memory=False, quantize=None, variant=None):
         """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache), a folder
         written by `mlx-sd convert`, or a single-file `.safetensors` checkpoint of SD 1.x or SDXL (SD 2.x files
         need `mlx-sd convert --prediction-type`).
 
         dtype: "float32", "float16" or "bfloat16"; None picks float16 on a GPU and float32 on the CPU backend.
         quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
+        variant: the weight files to read, "fp16" (`*.fp16.safetensors`) or "none" (the full-precision files); by
+        default the fp16 files for float16 / bfloat16 where the model has them (diffusers' `variant="fp16"`).
         low_memory=True frees the text encoders once the prompts are encoded (they are read again from the model
         folder for the next prompt), runs the guidance's negative and positive halves as separate UNet calls (half
         the activations), and decodes images larger than 512 x 512 in tiles (see `decode`).
         """
         dtype = _dtype(dtype)
-        folder, checkpoint = open_model(name_or_path)
+        folder, checkpoint = open_model(name_or_path, dtype=dtype, variant=variant)
+        variant = resolve_variant(dtype, variant)
         index = read_json(folder / "model_index.json")
         pipeline = PIPELINES.get(index.get("_class_name"))
         if pipeline is None:
@@ -203,12 +207,14 @@ class StableDiffusion:
         components = {}
         for tokenizer, encoder in pipeline.text_encoders:
             components[tokenizer], components[encoder] = load_text_encoder(
-                folder, tokenizer, encoder, dtype, quantize, checkpoint
+                folder, tokenizer, encoder, dtype, quantize, checkpoint, variant
             )
-        components["unet"], components["vae"], scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
+        components["unet"], components["vae"], scheduler_config = load_denoiser(
+            folder, dtype, quantize, checkpoint, variant
+        )
         model = pipeline(components, scheduler_config, dtype, str(name_or_path), model_family(folder), index)
         model.low_memory = bool(low_memory)
-        model._source = (folder, checkpoint, quantize)
+        model._source = (folder, checkpoint, quantize, variant)
         return model
 
     def parameters(self):

@@ -77,9 +77,12 @@ class CLIPTokenizer:
 
         Special tokens: tokenizer_config.json, overridden by special_tokens_map.json in legacy folders
         (SD 2.x: pad "!"); their matching flags come from `added_tokens_decoder` or tokenizer.json.
-        Missing vocab.json/merges.txt fall back to the bundled (standard CLIP) ones.
+        Missing vocab.json/merges.txt fall back to the bundled (standard CLIP) ones; a missing folder is an error
+        (its special tokens say the pad token, which differs between SD 1.x and SD 2.x).
         """
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no tokenizer folder {folder}")
         files = [folder / f if (folder / f).is_file() else ASSETS / f for f in ("vocab.json", "merges.txt")]
         config = _read_json(folder / "tokenizer_config.json")
         specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}  # class defaults

@@ -259,3 +259,42 @@ def assert_images_close(ours, expected):
     print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
     assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: a read-only (0o555) folder, or for root (whom modes do not
+    stop) /sys, whose kernel file system refuses new files."""
+    import os
+    import tempfile
+
+    import pytest
+
+    if os.geteuid() != 0:
+        folder = Path(tmp_path) / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no folder here refuses root's writes")
+
+
+def bomb_png(path, side=30_000):
+    """A tiny PNG file whose header claims side x side pixels: PIL refuses it as a decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header
+    ihdr[4:12] = struct.pack(">II", side, side)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    Path(path).write_bytes(bytes(data))
+    return Path(path)

@@ -76,7 +76,7 @@ def test_generate_never_overwrites(model, tmp_path):
         (["--cfg", "-1"], 2, "guidance scale must be a finite number between 0 and 100, got -1.0"),
         (["--sampler", "nonsense"], 2, "unknown sampler 'nonsense'; choose one of: euler (Euler), euler_a (Euler a)"),
         (["-o", "out.jpg"], 2, "output must be a .png file"),
-        (["-o", "out-{step}.png"], 2, "unknown field(s) step"),
+        (["-o", "out-{step}.png"], 2, "unknown field '{step}'"),
         (["-o", "/nonexistent/dir/out.png"], 2, "does not exist"),
     ],
 )

@@ -284,8 +284,9 @@ def test_existing_output_needs_force(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         convert(folder, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "mlx_sd.json").write_text("{}")  # a folder written by mlx-sd convert: --force replaces it
     convert(folder, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "mlx_sd.json").is_file()
+    assert not (out / "keep.txt").exists() and (out / "mlx_sd.json").read_text() != "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["mlx"]
     with pytest.raises(ValueError, match="the model being converted is in it"):
         convert(out, out, force=True)
@@ -309,11 +310,11 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, monkeypatch, exce
     assert list(tmp_path.iterdir()) == []
     # an existing output survives a failed --force conversion untouched
     (tmp_path / "mlx").mkdir()
-    (tmp_path / "mlx" / "old.txt").write_text("old")
+    (tmp_path / "mlx" / "mlx_sd.json").write_text("old")
     calls.clear()
     with pytest.raises(exception):
         convert(folder, tmp_path / "mlx", force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["mlx"] and (tmp_path / "mlx" / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["mlx"] and (tmp_path / "mlx" / "mlx_sd.json").read_text() == "old"
 
 
 class Payload:
