@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from .convert import convert_command
 from .outputs import output_paths
 from .pipeline import DTYPES
-from .schedulers import DESCRIPTIONS, DISPLAY_NAMES, resolve_sampler
+from .schedulers import resolve_sampler, sampler_lines
 
 
 def _multiple_of_8(ctx, param, value):
@@ -349,9 +349,9 @@ def contact_sheet(images):
 
 @cli.command()
 def samplers():
-    """List the samplers (A1111 names work too)."""
-    for name, description in DESCRIPTIONS.items():
-        click.echo(f"{name:<16} {DISPLAY_NAMES[name]:<16} {description}")
+    """List the samplers and schedules (A1111 names work too)."""
+    for line in sampler_lines():
+        click.echo(line)
 
 
 @cli.command()
