@@ -345,7 +345,7 @@ class StableDiffusion:
         if image is None:
             x = latents * scheduler.init_noise_sigma
         else:
-            timesteps = _strength_timesteps(timesteps, steps, strength)
+            timesteps = _strength_timesteps(timesteps, steps, strength, scheduler.order)
             # the VAE posterior's standard normal draw, from a stream of its own per image
             image_noise = _noise_or(image_noise, shape, [s + 2**32 for s in seeds], "image_noise", width, height)
             x, inpaint = self.prepare_image(
@@ -556,8 +556,9 @@ def step_noise(seeds, shape):
         yield mx.concatenate([mx.random.normal((1, *shape), key=k[1]) for k in keys])
 
 
-def _strength_timesteps(timesteps, steps, strength):
-    """The last int(steps * strength) timesteps (diffusers' get_timesteps); ValueError when none is left."""
+def _strength_timesteps(timesteps, steps, strength, order=1):
+    """The last int(steps * strength) steps (diffusers' get_timesteps); ValueError when none is left. Second-order
+    samplers (order 2) list two timesteps per step."""
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
     kept = min(int(steps * strength), steps)
@@ -566,7 +567,7 @@ def _strength_timesteps(timesteps, steps, strength):
             f"strength {strength} leaves no step of {steps}: raise strength or steps "
             f"(steps * strength must be at least 1)"
         )
-    return timesteps[steps - kept :]
+    return timesteps[(steps - kept) * order :]
 
 
 def chunk_texts(tokenizer, texts, truncate):

@@ -188,3 +188,136 @@ def test_sampling_loop(monkeypatch, sampler, schedule, spacing, prediction_type)
     for steps in (1, 3, 24):
         set_timesteps(ours, ref, steps, ref64)
         run_loop(ours, ref, monkeypatch, steps, ref64)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if "sgm_uniform" in SAMPLERS[s].schedules])
+def test_schedules_for_many_step_counts(sampler, spacing):
+    """Rounding edge cases of the spacings (np.arange with a float step, round half to even), up to 1000 steps.
+    Where diffusers' trailing spacing has one point too many (a timestep -1), ours has the n requested."""
+    config = {**SD15_CONFIG, "timestep_spacing": spacing}
+    ours, ref = make_scheduler(sampler, config), reference(sampler, config)
+    counts = [*range(1, 41), 48, 80, 99, 100, 150, 333, 999]
+    if sampler not in ("dpm2", "dpm2_a", "heun", "dpmpp_sde"):  # 1000 x 1000 float32 searches in diffusers: slow
+        counts += [61, 769, 998, 1000]
+    for steps in counts:
+        if steps > ours.max_steps():
+            continue
+        ours.set_timesteps(steps)
+        ref.set_timesteps(steps)
+        if trailing_quirk(config, steps):
+            assert len(ref.timesteps) > len(ours.timesteps) and ours.num_inference_steps == steps
+            continue
+        assert_same_schedule(ours, ref)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_real_configs(monkeypatch, sampler, config_name):
+    """Each sampler built from each config as diffusers' `Cls.from_config(cfg, **sampler options)`; the same
+    instances serve several step counts, so set_timesteps must reset the multistep state."""
+    config = CONFIGS[config_name]
+    ours, ref = make_scheduler(sampler, config), reference(sampler, config)
+    ref64 = reference(sampler, config) if sampler in FLOAT64_REFERENCE else None
+    for steps in (1, 4, 25, 4):
+        if sampler == "dpm2_a" and config_name == "cosine" and steps == 4:
+            # sigma_max / sigma_next > 4000: diffusers' float32 sigma_down is 0 and its first midpoint NaN
+            ours.set_timesteps(steps)
+            ref.set_timesteps(steps)
+            assert torch.isnan(ref.timesteps).any() and np.isfinite(np.array(ours.timesteps)).all()
+            continue
+        set_timesteps(ours, ref, steps, ref64)
+        run_loop(ours, ref, monkeypatch, steps, ref64)
+
+
+OPTION_CASES = [
+    ("euler", dict(final_sigmas_type="sigma_min")),
+    ("euler", dict(prediction_type="sample")),
+    ("euler", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)),
+    ("euler", dict(use_beta_sigmas=True, sigma_min=0.1, sigma_max=10.0)),
+    ("heun", dict(prediction_type="sample", clip_sample=True, clip_sample_range=0.5)),
+    ("heun", dict(use_exponential_sigmas=True, sigma_min=0.2)),
+    ("lms", dict(prediction_type="sample")),
+    ("ddim", dict(clip_sample=True, set_alpha_to_one=True)),
+    ("ddim", dict(clip_sample=True, clip_sample_range=2.0, prediction_type="sample")),
+    ("pndm", dict(set_alpha_to_one=True)),
+    ("dpmpp_2m", dict(final_sigmas_type="sigma_min")),  # first order at the end below 15 steps only
+    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", euler_at_final=True)),
+    ("dpmpp_2m", dict(lambda_min_clipped=-3.0)),
+    ("dpmpp_2m", dict(prediction_type="sample")),
+    ("dpmpp_2m", dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)),
+    ("dpmpp_2m", dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2")),
+    ("dpmpp_2m_sde", dict(final_sigmas_type="sigma_min", prediction_type="v_prediction")),
+    ("dpmpp_3m_sde", dict(lower_order_final=False)),
+    ("dpmpp_2s_a", dict(final_sigmas_type="sigma_min")),  # lower_order_final stays off for even step counts
+    ("dpmpp_2s_a", dict(algorithm_type="sde-dpmsolver++")),
+    ("dpmpp_2s_a", dict(solver_order=1, lambda_min_clipped=-4.0)),
+    ("unipc", dict(solver_type="bh1", final_sigmas_type="sigma_min")),  # bh1 ending at sigma 0: NaN in diffusers
+    ("unipc", dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min")),
+    ("unipc", dict(predict_x0=False, prediction_type="v_prediction")),
+    ("unipc", dict(disable_corrector=[0, 2], use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+    ("deis", dict(solver_order=3)),
+    ("deis", dict(solver_order=1, prediction_type="sample")),
+    ("lcm", dict(original_inference_steps=20, timestep_scaling=5.0)),
+    ("lcm", dict(clip_sample=True, prediction_type="v_prediction", set_alpha_to_one=False)),
+    ("tcd", dict(eta=0.0)),
+    ("tcd", dict(eta=1.0, prediction_type="sample")),
+    ("tcd", dict(eta=0.75, original_inference_steps=25)),
+]
+
+
+@pytest.mark.parametrize("sampler,options", OPTION_CASES)
+def test_options(monkeypatch, sampler, options):
+    """Options off the sampler's defaults (also those the sampler's name fixes), at 10, 20 and 11 steps."""
+    ours = make_scheduler(sampler, SD15_CONFIG, **options)
+    options = {k: v for k, v in options.items() if k != "eta"}  # a step argument in diffusers (run_loop passes it)
+    ref = reference(sampler, SD15_CONFIG, **options)
+    ref64 = reference(sampler, SD15_CONFIG, **options) if sampler in FLOAT64_REFERENCE else None
+    for steps in (10, 20, 11):
+        set_timesteps(ours, ref, steps, ref64)
+        run_loop(ours, ref, monkeypatch, steps, ref64)
+
+
+@pytest.mark.parametrize("config_name", [SD15, SD21, SD_TURBO, SDXL_TURBO])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_add_noise(sampler, config_name):
+    """add_noise at a (B,) batch of timesteps and at a scalar timestep, as mx arrays and as Python numbers."""
+    ours, ref = make_scheduler(sampler, CONFIGS[config_name]), reference(sampler, CONFIGS[config_name])
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    generator = torch.Generator().manual_seed(0)
+    original, noise = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
+    last = len(ref.timesteps) - 2
+    for index in ([0, 6], [last, 3], [last]):
+        t_ref = ref.timesteps[index]
+        t_ours = ours.timesteps[mx.array(index)] if len(index) > 1 else ours.timesteps[index[0]]
+        expected = ref.add_noise(original, noise, t_ref)
+        # one multiply-add with a coefficient that may differ by a float32 ulp (see assert_same_schedule)
+        for t in (t_ours, t_ours.tolist()):
+            got = ours.add_noise(nchw_to_nhwc(original), nchw_to_nhwc(noise), t)
+            np.testing.assert_allclose(np.array(got), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", sorted(NOISY))
+def test_noise_defaults_to_a_normal_draw(sampler):
+    """Without `noise`, the samplers that need it draw standard normal noise from MLX's global generator."""
+    ours = make_scheduler(sampler, SD15_CONFIG)
+    sample = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
+    model_output = mx.random.normal((1, 8, 8, 4), key=mx.random.key(2))
+
+    def steps(noise=None, count=3):
+        ours.set_timesteps(4)
+        mx.random.seed(3)
+        x = sample
+        for t in ours.timesteps.tolist()[:count]:
+            x = ours.step(model_output, t, ours.scale_model_input(x, t), noise=noise)
+        return np.array(x)
+
+    drawn = steps()
+    assert np.array_equal(drawn, steps())
+    assert not np.allclose(drawn, steps(mx.zeros(sample.shape)), atol=1e-3)
+    first = 2 if sampler == "dpm2_a" else 1  # DPM2 a adds noise in its second stage
+    mx.random.seed(3)
+    noise = mx.random.normal(sample.shape)
+    assert np.array_equal(steps(count=first), steps(noise, count=first))

@@ -34,7 +34,9 @@ class Schedule:
 
 SCHEDULES = {
     "karras": Schedule(
-        "Karras", {**_NO_SIGMA_SCHEDULE, "use_karras_sigmas": True}, "Karras et al. 2022 (rho 7): more steps at low noise"
+        "Karras",
+        {**_NO_SIGMA_SCHEDULE, "use_karras_sigmas": True},
+        "Karras et al. 2022 (rho 7): more steps at low noise",
     ),
     "exponential": Schedule(
         "Exponential", {**_NO_SIGMA_SCHEDULE, "use_exponential_sigmas": True}, "evenly spaced in log sigma"
@@ -96,7 +98,13 @@ SAMPLERS = {
         PNDMScheduler, dict(skip_prk_steps=True), "PLMS", ("sgm_uniform",), "PLMS (pseudo linear multistep), SD 1.5's"
     ),
     "unipc": Sampler(UniPCMultistepScheduler, {}, "UniPC", _SIGMA, "UniPC predictor-corrector, few steps"),
-    "deis": Sampler(DEISMultistepScheduler, {}, "DEIS", _SIGMA, "DEIS log-rho multistep, few steps"),
+    "deis": Sampler(
+        DEISMultistepScheduler,
+        dict(algorithm_type="deis", solver_type="logrho"),
+        "DEIS",
+        _SIGMA,
+        "DEIS log-rho multistep, few steps",
+    ),
     "lcm": Sampler(LCMScheduler, {}, "LCM", (), "latent consistency: LCM models and LCM-LoRA, 2-8 steps"),
     "tcd": Sampler(TCDScheduler, {}, "TCD", (), "trajectory consistency (eta 0.3): TCD and Hyper-SD LoRAs"),
 }

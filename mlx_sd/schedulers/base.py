@@ -89,7 +89,9 @@ class Scheduler:
         n = num_inference_steps
         plan = self._plan(n) if isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 else None
         if plan is None:
-            raise ValueError(f"{self.label}: steps must be between 1 and {self.max_steps()}{self.limit_note()}, got {n!r}")
+            raise ValueError(
+                f"{self.label}: steps must be between 1 and {self.max_steps()}{self.limit_note()}, got {n!r}"
+            )
         self.num_inference_steps = n
         self._apply(plan)
 

@@ -26,7 +26,7 @@ class AlphaScheduler(Scheduler):
 
     def _in_range(self, timesteps):
         """Strictly descending timesteps inside the training range."""
-        ok = descending(timesteps) and 0 <= timesteps[-1] and timesteps[0] < self.config["num_train_timesteps"]
+        ok = descending(timesteps) and timesteps[-1] >= 0 and timesteps[0] < self.config["num_train_timesteps"]
         return timesteps if ok else None
 
     def _alpha(self, t):

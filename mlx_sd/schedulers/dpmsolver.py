@@ -42,7 +42,9 @@ class ExponentialIntegrator(SigmaScheduler):
 
     def _converted_timestep(self, t, convert):
         """Karras timesteps are rounded, the others truncated (diffusers' int64 cast)."""
-        if convert is karras_sigmas and (self.round_cosine_karras or self.config["beta_schedule"] != "squaredcos_cap_v2"):
+        if convert is karras_sigmas and (
+            self.round_cosine_karras or self.config["beta_schedule"] != "squaredcos_cap_v2"
+        ):
             return round(t)
         return int(t)
 

@@ -31,6 +31,13 @@ def _ancestral_up(sigma, sigma_next):
     return f32(math.sqrt(f32(f32(b * f32(a - b)) / a)))
 
 
+def _ancestral_down(sigma_next, up, sigma):
+    """sqrt(next^2 - up^2) in float32; where that underflows to 0 before sigma 0 (a first sigma thousands of times
+    the next, as with the cosine schedule), diffusers' midpoint is NaN: there the exact next^2 / sigma is kept."""
+    down = f32(math.sqrt(f32(f32(sigma_next * sigma_next) - f32(up * up))))
+    return down if down > 0 or sigma_next == 0 else sigma_next * sigma_next / sigma
+
+
 def _log_midpoint(a, b):
     """exp(lerp(log a, log b, 0.5)) in float32, as torch computes it (lerp at 0.5: end - (end - start) / 2)."""
     if a == 0 or b == 0:
@@ -57,7 +64,9 @@ class HeunDiscreteScheduler(_TwoStage):
     """Heun's method (Karras et al. 2022, Algorithm 1 without churn), diffusers `HeunDiscreteScheduler`: an Euler
     step to sigma_next, then the step redone with the mean of the two slopes."""
 
-    defaults = dict(**_BETAS, **SIGMA_OPTIONS, **_SPACING, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0)
+    defaults = dict(
+        **_BETAS, **SIGMA_OPTIONS, **_SPACING, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0
+    )
 
     def _plan(self, n):
         return self._spaced_plan(n)
@@ -153,7 +162,7 @@ class KDPM2AncestralDiscreteScheduler(_TwoStage):
         # k-diffusion `get_ancestral_step` (eta = 1) and the log-midpoints, in float32 as diffusers computes them:
         # sigma_down = sqrt(next^2 - up^2) cancels, so float64 would differ from diffusers by up to 1e-3 relative
         up = [_ancestral_up(a, b) for a, b in zip(sigmas, following)]
-        down = [f32(math.sqrt(f32(f32(b * b) - f32(u * u)))) for b, u in zip(following, up)][:-1] + [0.0]
+        down = [_ancestral_down(b, u, a) for a, b, u in zip(sigmas, following, up)][:-1] + [0.0]
         mid = [_log_midpoint(a, d) for a, d in zip(sigmas, down)][:-2] + [0.0, 0.0]
         mid_timesteps = [sigma_to_t_f32(m, self.log_sigmas) for m in mid[:-2]]
         steps = timesteps[:1] + [t for pair in zip(mid_timesteps, timesteps[1:]) for t in pair]

@@ -95,6 +95,8 @@ class UniPCMultistepScheduler(ExponentialIntegrator):
         self._push_output(converted)
         order = min(cfg["solver_order"], len(self._sigmas) - 1 - i) if cfg["lower_order_final"] else cfg["solver_order"]
         self._this_order = min(order, self._lower_order_nums + 1)
+        if self._sigmas[i + 1] == 0:  # higher orders divide by h = infinity there (NaN or a singular system)
+            self._this_order = 1
         self._last_sample = sample
         prev_sample = self._predict(i, sample, self._this_order)
         self._lower_order_nums = min(self._lower_order_nums + 1, cfg["solver_order"])
@@ -205,7 +207,9 @@ class DEISMultistepScheduler(ExponentialIntegrator):
         alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(s[i])
         if order == 1:
             return (alpha_t / alpha_s0) * x - (sigma_t * math.expm1(lambda_t - lambda_s0)) * m[-1]
-        rhos = [sigma_t / alpha_t] + [sig / alp for alp, sig, _ in map(alpha_sigma_lambda, s[i - order + 1 : i + 1][::-1])]
+        rhos = [sigma_t / alpha_t] + [
+            sig / alp for alp, sig, _ in map(alpha_sigma_lambda, s[i - order + 1 : i + 1][::-1])
+        ]
         coefficients = _log_rho_coefficients(rhos)
         return alpha_t * (x / alpha_s0 + sum(c * m[-1 - j] for j, c in enumerate(coefficients)))
 
