@@ -87,7 +87,8 @@ class Scheduler:
         """diffusers `set_timesteps`; ValueError naming the limit for step counts where the sampler is undefined
         (repeated sigmas or timesteps outside the training range, see `max_steps`)."""
         n = num_inference_steps
-        plan = self._plan(n) if isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 else None
+        bounded = isinstance(n, Integral) and not isinstance(n, bool) and 1 <= n <= self._upper_steps()
+        plan = self._plan(n) if bounded else None
         if plan is None:
             raise ValueError(
                 f"{self.label}: steps must be between 1 and {self.max_steps()}{self.limit_note()}, got {n!r}"
