@@ -14,7 +14,7 @@ from .hub import DEFAULT_MODEL
 from .outputs import output_paths
 from .pipeline import DTYPES
 from .png import read_png_parameters, save_png
-from .schedulers import DESCRIPTIONS, DISPLAY_NAMES
+from .schedulers import sampler_lines
 from .settings import MAX_IMAGES, GenerationSettings, SettingsError, check_int, image_seed
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -61,6 +61,9 @@ def cli():
 @click.option("--steps", type=int, help="Sampler steps (default: the model's).")
 @click.option("--cfg", "--guidance-scale", "guidance_scale", type=float, help="Guidance scale; <= 1 turns it off.")
 @click.option("--sampler", help="Sampler: a name from `mlx-sd samplers` or its A1111 name.")
+@click.option("--schedule", help="default, karras, exponential, beta or sgm_uniform (A1111's schedule types).")
+@click.option("--timestep-spacing", help="leading, linspace or trailing (default: the model's scheduler config).")
+@click.option("--eta", type=float, help="The tcd sampler's eta, 0 to 1 (default 0.3).")
 @click.option("--seed", type=int, help="Seed, 0 to 2**64-1 (default or -1: random); image i uses seed + i.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help=f"Images (at most {MAX_IMAGES}).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Images generated together.")
@@ -216,9 +219,9 @@ def contact_sheet(images):
 
 @cli.command()
 def samplers():
-    """List the samplers (A1111 names work too)."""
-    for name, description in DESCRIPTIONS.items():
-        click.echo(f"{name:<16} {DISPLAY_NAMES[name]:<16} {description}")
+    """List the samplers and schedules (A1111 names work too)."""
+    for line in sampler_lines():
+        click.echo(line)
 
 
 @cli.command()

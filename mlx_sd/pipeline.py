@@ -383,14 +383,15 @@ class StableDiffusion:
         f = self.vae_scale_factor
         shape = (s.num_images, s.height // f, s.width // f, self.vae.config.latent_channels)
         noise = _noise_or(s.latents, shape, s.seeds)
-        scheduler = make_scheduler(s.sampler, self.scheduler_config)
+        options = {} if s.eta is None else {"eta": s.eta}
+        scheduler = make_scheduler(s.sampler, self.scheduler_config, s.schedule, s.timestep_spacing, **options)
         scheduler.set_timesteps(s.steps)
         timings, tic = {}, time.perf_counter()
         timesteps, inpaint = scheduler.timesteps, None
         if s.image is None:
             latents = noise * scheduler.init_noise_sigma
         else:
-            timesteps = _strength_timesteps(timesteps, s.steps, s.strength)
+            timesteps = _strength_timesteps(timesteps, s.steps, s.strength, scheduler.order)
             # the VAE posterior's standard normal draw, from a stream of its own per image
             seeds = [image_seed(seed, 2**32) for seed in s.seeds]
             image_noise = _noise_or(s.image_noise, shape, seeds)
@@ -539,9 +540,10 @@ def step_noise(seeds, shape):
         yield mx.concatenate([mx.random.normal((1, *shape), key=k[1]) for k in keys])
 
 
-def _strength_timesteps(timesteps, steps, strength):
-    """The last int(steps * strength) timesteps (diffusers' get_timesteps; the settings check that one is left)."""
-    return timesteps[steps - min(int(steps * strength), steps) :]
+def _strength_timesteps(timesteps, steps, strength, order=1):
+    """The last int(steps * strength) steps (diffusers' get_timesteps; the settings check that one is left).
+    Second-order samplers (order 2) list two timesteps per step."""
+    return timesteps[(steps - min(int(steps * strength), steps)) * order :]
 
 
 def chunk_texts(tokenizer, texts, truncate):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from .infotext import format_infotext, parse_infotext
 from .prompts import parse_prompt_attention
-from .schedulers import DISPLAY_NAMES, max_steps, resolve_sampler
+from .schedulers import SAMPLERS, SPACINGS, a1111_names, max_steps, parse_sampler, parse_schedule
 
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit; image i uses (seed + i) mod 2**64
 MAX_SIDE = 8192  # pixels per side
@@ -44,7 +44,10 @@ class GenerationSettings:
     height: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
-    sampler: str | None = None
+    sampler: str | None = None  # a name of `mlx-sd samplers` or its A1111 name, maybe with a schedule appended
+    schedule: str | None = None  # None (the model's), karras, exponential, beta, sgm_uniform (A1111's labels too)
+    timestep_spacing: str | None = None  # None (the model's), leading, linspace or trailing
+    eta: float | None = None  # tcd's stochasticity (default 0.3)
     seed: int | None = None  # None or -1 (A1111): random; image i uses (seed + i) mod 2**64
     num_images: int = 1
     clip_skip: int | None = None  # A1111 numbering: 1 = last layer
@@ -87,11 +90,24 @@ class GenerationSettings:
             value = getattr(self, name)
             if not (isinstance(value, bool) or (name == "tiled_decode" and value is None)):
                 raise SettingsError(f"{name} must be True or False, got {value!r}")
-        if self.sampler is not None:
-            if not isinstance(self.sampler, str):
-                raise SettingsError(f"sampler must be a name, got {self.sampler!r}")
-            self.sampler = _settings_error(resolve_sampler, self.sampler)
+        self._validate_sampler()
         return self
+
+    def _validate_sampler(self):
+        """Our sampler and schedule names, the schedule split off a name that carries one ("DPM++ 2M Karras")."""
+        for name in ("sampler", "schedule", "timestep_spacing"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SettingsError(f"{name} must be a name, got {getattr(self, name)!r}")
+        schedule = _settings_error(parse_schedule, self.schedule)
+        if self.sampler is not None:
+            self.sampler, named = _settings_error(parse_sampler, self.sampler)
+            if named and schedule and named != schedule:
+                raise SettingsError(f"the sampler names the {named} schedule, the schedule setting {schedule}")
+            schedule = named or schedule
+        self.schedule = schedule
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise SettingsError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
+        check_real("eta", self.eta, 0.0, 1.0, optional=True)
 
     def _validate_seed(self):
         if self.seed is None:
@@ -129,7 +145,9 @@ class GenerationSettings:
         s.height = d.height if s.height is None else s.height
         s.steps = d.steps if s.steps is None else s.steps
         s.guidance_scale = d.guidance_scale if s.guidance_scale is None else float(s.guidance_scale)
-        s.sampler = d.sampler if s.sampler is None else s.sampler
+        if s.sampler is None:  # the model's sampler, and its schedule unless one was asked for
+            s.sampler, schedule = parse_sampler(d.sampler)
+            s.schedule = s.schedule or schedule
         s.seed = random.randint(0, 2**32 - 1) if s.seed is None else s.seed
         if s.image is not None and s.strength is None:
             s.strength = 1.0 if s.mask is not None else 0.8
@@ -154,7 +172,9 @@ class GenerationSettings:
                 f"(steps * strength must be at least 1)"
             )
         self._check_noise(model)
-        limit = _settings_error(max_steps, self.sampler, model.scheduler_config)
+        if self.eta is not None and "eta" not in SAMPLERS[self.sampler].cls.defaults:
+            raise SettingsError(f"eta applies to the tcd sampler, not {self.sampler}")
+        limit = _settings_error(max_steps, self.sampler, model.scheduler_config, self.schedule, self.timestep_spacing)
         if self.steps > limit:
             raise SettingsError(f"steps must be at most {limit} for the {self.sampler} sampler, got {self.steps}")
         sized = self.original_size is not None or self.target_size is not None
@@ -208,16 +228,18 @@ def _parse_size(value, _):
 
 
 def _parse_sampler(value, values):
-    if values.get("Schedule type", "").lower() == "karras" and "karras" not in value.lower():
-        value += " Karras"  # A1111 1.9+ writes the schedule separately
-    return {"sampler": value}
+    """A1111 1.9+ writes the schedule separately ("Schedule type: Karras"); older infotexts in the name."""
+    return {"sampler": value, "schedule": values.get("Schedule type")}
 
 
 # A1111 infotext key, format(settings, model name) -> str or None (left out), parse(value, all values) -> fields;
 # in A1111's order
 INFOTEXT = [
     ("Steps", lambda s, _: str(s.steps), lambda v, _: {"steps": int(v)}),
-    ("Sampler", lambda s, _: DISPLAY_NAMES.get(s.sampler, s.sampler), _parse_sampler),
+    ("Sampler", lambda s, _: a1111_names(s.sampler, s.schedule)[0], _parse_sampler),
+    ("Schedule type", lambda s, _: a1111_names(s.sampler, s.schedule)[1], None),
+    ("Timestep spacing", lambda s, _: s.timestep_spacing, lambda v, _: {"timestep_spacing": v}),
+    ("Eta", lambda s, _: None if s.eta is None else f"{s.eta:g}", lambda v, _: {"eta": float(v)}),
     ("CFG scale", lambda s, _: f"{s.guidance_scale:g}", lambda v, _: {"guidance_scale": float(v)}),
     ("Seed", lambda s, _: str(s.seed), lambda v, _: {"seed": int(v)}),
     ("Size", lambda s, _: f"{s.width}x{s.height}", _parse_size),

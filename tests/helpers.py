@@ -3,7 +3,10 @@ pipelines shaped like the real checkpoints, and image comparisons against diffus
 
 import json
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import diffusers
 import mlx.core as mx
@@ -188,15 +191,67 @@ def make_pipeline(family, folder, seed=0):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_cfg, indent=2))
     pipe.scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
+    pipe.saved_scheduler_config = scheduler_cfg  # run_both builds every sampler from it, not from the last one used
     return pipe
 
 
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+# mlx_sd sampler name -> diffusers class and the options that make it that sampler
 DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_sgm_uniform": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "ddim": ("DDIMScheduler", {}),
+    "ddim_sgm_uniform": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2s_a": ("DPMSolverSinglestepScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde_exponential": ("DPMSolverMultistepScheduler", {**_SDE, "use_exponential_sigmas": True}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {**_SDE, "solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis_beta": ("DEISMultistepScheduler", {"use_beta_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+TCD_ETA = 0.3  # mlx_sd's tcd default (TCDScheduler.step's); diffusers' pipelines pass eta=0 unless told
+
+
+@contextmanager
+def injected_step_noise(scheduler, seeds, shape, tcd_eta=TCD_ETA):
+    """Makes the diffusers `scheduler` draw mlx_sd's per-step noise: at its i-th step call, the i-th array of
+    mlx_sd.pipeline.step_noise(seeds, shape) (what mlx_sd's denoising loop gives its sampler's i-th step), through
+    `randn_tensor` in the scheduler's module, or DPMSolverSDEScheduler's Brownian-tree noise sampler. Yields the
+    number of noise draws so far (a dict), so that a test can tell that the injection happened."""
+    from mlx_sd.pipeline import step_noise
+
+    noises, current, draws = step_noise(seeds, shape), {}, {"count": 0}
+    original_step = scheduler.step
+
+    def step(*args, **kwargs):
+        current["noise"] = torch.from_numpy(np.array(next(noises))).permute(0, 3, 1, 2)
+        if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
+            scheduler.noise_sampler = lambda sigma, sigma_next: randn_tensor(current["noise"].shape)
+        if isinstance(scheduler, diffusers.TCDScheduler):
+            kwargs["eta"] = tcd_eta  # the pipeline passes its own eta, 0 by default
+        return original_step(*args, **kwargs)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == tuple(current["noise"].shape)
+        draws["count"] += 1
+        return current["noise"].to(dtype or torch.float32)
+
+    module = sys.modules[type(scheduler).__module__]
+    with (
+        mock.patch.object(module, "randn_tensor", randn_tensor, create=True),
+        mock.patch.object(scheduler, "step", step),
+    ):
+        yield draws
 
 
 def run_both(
@@ -212,13 +267,23 @@ def run_both(
     clip_skip=None,
     prompt="a photo of an astronaut riding a horse on mars",
     truncate_prompt=False,
+    reference_scheduler=None,
+    reference_kwargs=None,
+    ours_kwargs=None,
     **xl,
 ):
-    name, overrides = DIFFUSERS_SCHEDULERS[sampler]
-    reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config, **overrides)
+    """The same generation by diffusers and mlx_sd: (ours, expected) as float64 arrays (N, H, W, 3) in 0..255.
+
+    reference_scheduler: (diffusers class name, config overrides) instead of DIFFUSERS_SCHEDULERS[sampler];
+    reference_kwargs / ours_kwargs: more arguments for one side only (e.g. eta, or mlx_sd's schedule=)."""
+    name, overrides = reference_scheduler or DIFFUSERS_SCHEDULERS[sampler]
+    config = getattr(reference, "saved_scheduler_config", reference.scheduler.config)
+    reference.scheduler = getattr(diffusers, name).from_config(config, **overrides)
     rng = np.random.default_rng(width * 1000 + height + steps)
     latents = rng.standard_normal((num_images, height // 8, width // 8, 4)).astype(np.float32)
-    with torch.no_grad():
+    seeds, shape = list(range(num_images)), (height // 8, width // 8, 4)  # ours: seed 0, image i uses seed + i
+    tcd_eta = (reference_kwargs or {}).get("eta", TCD_ETA)
+    with torch.no_grad(), injected_step_noise(reference.scheduler, seeds, shape, tcd_eta):
         expected = reference(
             prompt,
             negative_prompt=negative_prompt,
@@ -229,6 +294,7 @@ def run_both(
             num_images_per_prompt=num_images,
             latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
             clip_skip=None if clip_skip is None else clip_skip - 1,  # diffusers counts skipped layers
+            **(reference_kwargs or {}),
             **xl,
         ).images
     images = ours.generate(
@@ -244,6 +310,7 @@ def run_both(
         latents=mx.array(latents),
         clip_skip=clip_skip,
         truncate_prompt=truncate_prompt,
+        **(ours_kwargs or {}),
         **xl,
     )
     return np.stack([np.asarray(i, np.float64) for i in images]), np.stack(

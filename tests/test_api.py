@@ -71,7 +71,9 @@ def test_truncated_long_prompt_matches_diffusers(sd1):
 def test_callback_gets_every_step_and_cancel_stops(sd1):
     _, _, ours = sd1
     seen = []
-    ours.generate("a cat", width=32, height=32, steps=3, seed=1, callback=lambda i, n, x: seen.append((i, n, x.shape)))
+    # euler: one model call per step (the sd1 default, PLMS, makes n + 1; Heun and DPM2 2n - 1)
+    settings = dict(width=32, height=32, seed=1, sampler="euler")
+    ours.generate("a cat", steps=3, callback=lambda i, n, x: seen.append((i, n, x.shape)), **settings)
     assert seen == [(1, 3, (1, 4, 4, 4)), (2, 3, (1, 4, 4, 4)), (3, 3, (1, 4, 4, 4))]
 
     cancel = threading.Event()
@@ -83,7 +85,7 @@ def test_callback_gets_every_step_and_cancel_stops(sd1):
             cancel.set()
 
     with pytest.raises(GenerationCancelled, match="before step 3 of 5"):
-        ours.generate("a cat", width=32, height=32, steps=5, seed=1, callback=stop_after_two, cancel=cancel)
+        ours.generate("a cat", steps=5, callback=stop_after_two, cancel=cancel, **settings)
     assert steps == [1, 2]
 
 

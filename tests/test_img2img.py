@@ -215,6 +215,7 @@ IMG2IMG_CASES = [
     ("sd1", "ddim", 4, 0.5, 5.0, 2),
     ("sd1", "dpmpp_2m_karras", 3, 1.0, 7.5, 1),  # full schedule; diffusers still noises the image latents
     ("sd1", "dpmpp_2m", 10, 0.15, 1.0, 1),  # int(1.5) = 1 step left
+    ("sd1", "heun", 4, 0.5, 7.5, 1),  # two timesteps per step: the tail starts at 2 * (steps - kept)
     ("sd2v", "ddim", 4, 0.6, 7.5, 1),
     ("turbo", "euler", 2, 0.5, 0.0, 1),  # the SD-Turbo img2img recipe: steps * strength = 1
     ("sdxl", "euler", 10, 0.3, 7.5, 1),  # the SDXL img2img default strength: 3 of 10 steps

@@ -107,7 +107,8 @@ def test_seed_is_reproducible_and_reported(pipelines):
         (dict(width=60), "multiple of 8"),
         (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(guidance_scale=-1), "guidance scale"),
-        (dict(sampler="plms"), "unknown sampler"),
+        (dict(sampler="dpm_fast"), "unknown sampler"),
+        (dict(steps=1001), "steps must be between 1 and 1000"),
         (dict(latents=mx.zeros((1, 4, 4, 4))), "latents must have shape"),
     ],
 )
