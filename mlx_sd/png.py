@@ -1,5 +1,6 @@
 """Writing PNGs atomically, with the generation parameters in A1111's `parameters` text chunk."""
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -8,13 +9,18 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+def _png_info(infotext):
+    info = PngInfo()
+    if infotext is not None:
+        info.add_text("parameters", infotext)
+    return info
+
+
 def save_png(image, path, infotext=None):
     """Saves `image` to `path` through a temporary file in the same folder, so no partial file is left;
     `infotext` (A1111's `parameters` text) goes into a text chunk."""
     path = Path(path)
-    info = PngInfo()
-    if infotext is not None:
-        info.add_text("parameters", infotext)
+    info = _png_info(infotext)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -23,6 +29,13 @@ def save_png(image, path, infotext=None):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def png_bytes(image, infotext=None):
+    """`image` encoded as PNG in memory, with `infotext` in the `parameters` text chunk as save_png writes it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(infotext))
+    return buffer.getvalue()
 
 
 def read_png_parameters(path):

@@ -3,6 +3,10 @@ pipelines shaped like the real checkpoints, and image comparisons against diffus
 
 import json
 import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -259,3 +263,40 @@ def assert_images_close(ours, expected):
     print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
     assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
+
+
+# --- the HTTP server (tests/test_server*.py) ---------------------------------------------------------------------
+
+
+def make_models_dir(folder):
+    """A models folder for the server: tiny sd1 and turbo pipelines (sd1 sorts first: the server's default)."""
+    for family in ("sd1", "turbo"):
+        make_pipeline(family, Path(folder) / family)
+    return Path(folder)
+
+
+@contextmanager
+def running_server(**config):
+    """A real mlx_sd server (uvicorn on a free 127.0.0.1 port, in a thread; float32); yields (base URL, Server)."""
+    import uvicorn
+
+    from mlx_sd.server import Server, ServerConfig
+
+    server = Server(ServerConfig(dtype="float32", **config))
+    server.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    web = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not web.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        web.should_exit = True
+        thread.join()
+        server.stop()
+        sock.close()
