@@ -11,6 +11,7 @@ import time
 import uuid
 
 from ..pipeline import StableDiffusion
+from ..settings import SettingsError
 from ..weights import ModelLoadError
 from .payloads import Cancelled, RequestError
 
@@ -157,9 +158,9 @@ class Worker:
         task.started = time.time()
         try:
             task.future.set_result(task.run(self, task))
-        except (RequestError, Cancelled) as e:
+        except (RequestError, Cancelled, SettingsError) as e:
             task.future.set_exception(e)
-        except (ValueError, ModelLoadError) as e:  # SettingsError, unusable images
+        except (ValueError, ModelLoadError) as e:  # unusable images, LoRA files
             task.future.set_exception(RequestError(str(e)))
         except Exception as e:  # a bug or an exhausted machine: report it, keep serving
             log.exception("task %s failed", task.id)
