@@ -196,6 +196,20 @@ def test_authentication(served):
     assert result.info["sd_model_name"] == "sd1"
 
 
+def test_requests_that_only_a_misled_browser_sends_are_refused(served):
+    url, _ = served
+    host = url.removeprefix("http://")
+    body = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
+    other_site = requests.post(f"{url}/sdapi/v1/txt2img", json=body, headers={**AUTH, "Origin": "http://evil.test"})
+    rebound = requests.post(f"{url}/v1/images/generations", json=body, headers={**AUTH, "Host": "evil.test:7860"})
+    bad_host = requests.get(f"{url}/sdapi/v1/options", headers={**AUTH, "Host": "[::1"})
+    assert other_site.status_code == 403 and "other sites" in other_site.json()["detail"]
+    assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]["message"]
+    assert bad_host.status_code == 403
+    own_page = requests.post(f"{url}/sdapi/v1/txt2img", json=body, headers={**AUTH, "Origin": url, "Host": host})
+    assert own_page.status_code == 200
+
+
 def test_the_server_still_serves_after_all_of_that(served):
     url, server = served
     still_serving(url)

@@ -37,9 +37,17 @@ def served(server_models, tmp_path_factory):
 def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,860",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1000,860",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     # Chromium's renderer does not start with the test run's LD_PRELOAD (OpenBLAS for MLX)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -65,8 +73,16 @@ def open_page(browser, url):
 def test_page_generates_with_progress_and_download(served, browser):
     url, _ = served
     open_page(browser, url)
-    fill(browser, prompt="a lighthouse on a cliff at sunset", negative_prompt="blurry", width=64, height=64,
-         steps=50, cfg_scale=6, seed=42)  # fmt: skip
+    fill(
+        browser,
+        prompt="a lighthouse on a cliff at sunset",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=50,
+        cfg_scale=6,
+        seed=42,
+    )
     Select(browser.find_element(By.ID, "sampler")).select_by_visible_text("Euler a")
     assert [o.text for o in Select(browser.find_element(By.ID, "lora")).options] == ["none", "watercolor"]
     browser.find_element(By.ID, "generate").click()

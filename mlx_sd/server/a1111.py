@@ -162,29 +162,16 @@ async def progress(request):
     if not skip:
         worker.watched_until = time.monotonic() + WATCH_SECONDS
     task, queued = worker.current, worker.queued()
-    if task is None or task.started is None:
-        return JSONResponse(
-            {
-                "progress": 0.0,
-                "eta_relative": 0.0,
-                "state": state(None, queued),
-                "current_image": None,
-                "textinfo": None,
-                "current_task": None,
-            }
-        )
-    done, elapsed = task.progress, time.time() - task.started
-    preview = None if skip or task.preview is None else await run_in_threadpool(encode_image, task.preview)
-    return JSONResponse(
-        {
-            "progress": done,
-            "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
-            "state": state(task, queued),
-            "current_image": preview,
-            "textinfo": f"step {task.step} of {task.steps}" if task.steps else None,
-            "current_task": task.id,
-        }
-    )
+    task = task if task is not None and task.started is not None else None
+    body = {"progress": 0.0, "eta_relative": 0.0, "state": state(task, queued), "current_image": None}
+    body.update(textinfo=None, current_task=None)
+    if task is not None:
+        done, elapsed = task.progress, time.time() - task.started
+        body.update(progress=done, eta_relative=elapsed / done - elapsed if done > 0 else 0.0, current_task=task.id)
+        body["textinfo"] = f"step {task.step} of {task.steps}" if task.steps else None
+        if not skip and task.preview is not None:
+            body["current_image"] = await run_in_threadpool(encode_image, task.preview)
+    return JSONResponse(body)
 
 
 def state(task, queued):

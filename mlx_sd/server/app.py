@@ -16,7 +16,7 @@ from ..settings import SettingsError, check_int
 from . import a1111, openai_api
 from .catalog import ModelCatalog
 from .payloads import BodyTooLarge, Cancelled, RequestError, error_body, is_openai
-from .security import Authentication, BodyLimit, check_exposure
+from .security import Authentication, BodyLimit, BrowserGuard, check_exposure, is_loopback
 from .worker import Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -104,6 +104,7 @@ def create_app(server):
         Exception: internal_error,
     }
     middleware = [
+        Middleware(BrowserGuard, loopback=is_loopback(config.host)),
         Middleware(Authentication, api_key=config.api_key, api_auth=config.api_auth),
         Middleware(BodyLimit, limit=config.max_body_bytes),
     ]

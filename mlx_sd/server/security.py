@@ -1,11 +1,12 @@
-"""Who may talk to the server and how much they may send: authentication (a Bearer API key, A1111's basic auth)
-and the request body limit, as ASGI middleware in front of every route; and the refusal to listen on the network
-without authentication."""
+"""Who may talk to the server and how much they may send, as ASGI middleware in front of every route: browser
+requests from other sites (cross-origin, DNS rebinding), authentication (a Bearer API key, A1111's basic auth) and
+the request body limit; and the refusal to listen on the network without authentication."""
 
 import base64
 import binascii
 import hmac
 import ipaddress
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
@@ -29,6 +30,27 @@ def check_exposure(host, api_key, api_auth, insecure):
             f"--host {host} makes the server reachable from other machines: give --api-key KEY or --api-auth "
             "USER:PASS (or --insecure to serve without authentication)"
         )
+
+
+class BrowserGuard:
+    """403 for what only a browser tricked by another site sends: an `Origin` other than the server's own (the
+    server answers no CORS requests, so only its own page may use it from a browser), or, on a loopback address,
+    a `Host` that is not a loopback name (DNS rebinding). Clients outside browsers send no Origin."""
+
+    def __init__(self, app, loopback):
+        self.app, self.loopback = app, loopback
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host, origin = _header(scope, b"host") or "", _header(scope, b"origin")
+        if self.loopback and not is_loopback(_hostname(host)):
+            message = f"Host {host[:100]!r} is not this machine's loopback address"
+        elif origin is not None and origin != f"{scope['scheme']}://{host}":
+            message = f"requests from other sites ({origin[:100]}) are refused"
+        else:
+            return await self.app(scope, receive, send)
+        await JSONResponse(error_body(scope["path"], 403, message, code="forbidden"), 403)(scope, receive, send)
 
 
 class Authentication:
@@ -92,6 +114,13 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _hostname(host):
+    try:
+        return urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return ""
 
 
 def _header(scope, name):
