@@ -193,8 +193,9 @@ def test_webuiapi_interrupt_stops_within_one_step(a1111, served):
     results, polls = [], []
     job = threading.Thread(target=lambda: results.append(a1111.txt2img(prompt=PROMPT, steps=300, width=32, height=32)))
     job.start()
-    task = None
+    task, deadline = None, time.monotonic() + 30
     while task is None or task.steps_done < 3:
+        assert time.monotonic() < deadline
         task = server.worker.current or task
         progress = a1111.get_progress()
         polls.append((progress["state"]["sampling_step"], progress["progress"]))
@@ -317,10 +318,12 @@ def test_a_client_that_disconnects_is_cancelled_at_the_next_step(served):
     body = json.dumps({"prompt": PROMPT, "steps": 400, "width": 32, "height": 32, "force_task_id": "gone"}).encode()
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
-        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (f"{host}:{port}".encode(), len(body), body)
     )
+    deadline = time.monotonic() + 30
     while (task := server.worker.current) is None or task.id != "gone" or task.steps_done < 2:
+        assert time.monotonic() < deadline, sock.recv(1000)
         time.sleep(0.01)
     sock.close()
     closed_at = task.steps_done
@@ -342,11 +345,14 @@ def test_a_full_queue_answers_503(served):
     try:
         running = threading.Thread(target=post_txt2img, args=(url, "long", 400, 1, done))
         running.start()
+        deadline = time.monotonic() + 30
         while server.worker.current is None or server.worker.current.id != "long":
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         waiting = threading.Thread(target=post_txt2img, args=(url, "waiting", 1, 2, done))
         waiting.start()
         while server.worker.queued() < 1:
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         full = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1})
         rejected = requests.post(f"{url}/v1/images/generations", json={"prompt": "x"})

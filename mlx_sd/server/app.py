@@ -80,7 +80,7 @@ class Server:
         self.app = create_app(self)
 
     def start(self):
-        """Loads the starting model (ModelLoadError / RequestError when it cannot be loaded)."""
+        """Loads the starting model (ModelLoadError when it cannot be loaded)."""
         self.worker.start(self.catalog.initial)
 
     def stop(self):

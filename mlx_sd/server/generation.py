@@ -9,7 +9,7 @@ import mlx.core as mx
 from ..pipeline import Images, to_pil
 from ..settings import GenerationSettings, image_seed
 from .loras import apply_prompt_loras
-from .payloads import Cancelled
+from .payloads import Cancelled, RequestError
 
 
 @dataclass
@@ -56,6 +56,8 @@ def run_generation(worker, task, request):
     if request.model is not None:
         worker.load(request.model, request.model_field)
     pipe = worker.pipe
+    if pipe is None:  # the last model switch failed and the previous model could not be loaded again
+        raise RequestError("no model is loaded: choose one (sd_model_checkpoint / model)", status=503)
     prompt = request.settings.prompt
     settings = request.settings.replace(prompt=apply_prompt_loras(pipe, prompt, worker.lora_dir))
     settings = settings.resolve(pipe.limits())  # the seed drawn once for all batches
