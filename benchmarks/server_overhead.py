@@ -1,21 +1,21 @@
-"""Per-request overhead of `mlx-sd serve` over pipe.generate() with the same settings.
+"""Per-request overhead of `mlx-sd serve` over the generation itself.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/server_overhead.py \
         --size 32 --steps 1 --requests 40
 
-Starts the real command (`python -m mlx_sd.cli serve`) on a free port with the model (default: a tiny random SD 1.5
-built by tests/helpers.py), loads the same model here, then alternates one A1111 txt2img request, one OpenAI
-generations request and one generate() call, and prints the median seconds of each and the differences: HTTP,
-JSON, base64 PNG encoding, queueing and the worker hand-off.
+Runs the server in this process (uvicorn on a free loopback port, as `mlx-sd serve` does) with the model (default:
+a tiny random SD 1.5 built by tests/helpers.py) and sends A1111 txt2img and OpenAI generations requests over one
+keep-alive connection. For each request it measures the whole request and the time the worker spent in
+pipe.stream() (what generate() runs); the difference is the server's overhead: HTTP, JSON, validation, the queue
+hand-off, PNG and base64 encoding. It also times generate() called directly on the same pipeline.
 """
 
 import argparse
-import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,21 +38,18 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_for(url, process):
-    for _ in range(600):
+def timed_stream(pipe, log):
+    """pipe.stream, recording in `log` the seconds from its call until its caller closes it after the images."""
+    stream = pipe.stream
+
+    def wrapper(*args, **kwargs):
+        tic = time.perf_counter()
         try:
-            return requests.get(f"{url}/sdapi/v1/options", timeout=1).json()
-        except requests.ConnectionError:
-            if process.poll() is not None:
-                sys.exit(f"the server exited: {process.communicate()[1]}")
-            time.sleep(0.1)
-    sys.exit("the server did not start")
+            yield from stream(*args, **kwargs)
+        finally:
+            log.append(time.perf_counter() - tic)
 
-
-def timed(function):
-    tic = time.perf_counter()
-    function()
-    return time.perf_counter() - tic
+    return wrapper
 
 
 def main():
@@ -60,37 +57,54 @@ def main():
     parser.add_argument("--model", help="model folder (default: a tiny random SD 1.5)")
     parser.add_argument("--size", type=int, default=32, help="image width and height")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=40, help="timed rounds after 5 warm-up rounds")
+    parser.add_argument("--requests", type=int, default=40, help="timed requests of each kind after 5 warm-up rounds")
     args = parser.parse_args()
-    from mlx_sd import StableDiffusion
+    import uvicorn
+
+    from mlx_sd.server import Server, ServerConfig
 
     model = Path(args.model) if args.model else tiny_model(Path(tempfile.mkdtemp()) / "sd1")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlx_sd.cli", "serve", "--model", str(model), "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    server = Server(ServerConfig(model=str(model), port=free_port()))
+    server.start()
+    web = uvicorn.Server(uvicorn.Config(server.app, server.config.host, server.config.port, log_level="warning"))
+    thread = threading.Thread(target=web.run)
+    thread.start()
+    while not web.started:
+        time.sleep(0.05)
     try:
-        wait_for(url, process)
-        pipe = StableDiffusion.from_pretrained(model)
-        session = requests.Session()
+        pipe, generations = server.worker.pipe, []
+        pipe.stream = timed_stream(pipe, generations)
+        url, session = f"http://127.0.0.1:{server.config.port}", requests.Session()
         settings = dict(steps=args.steps, width=args.size, height=args.size, seed=1)
         a1111 = {"prompt": "a lighthouse", "cfg_scale": 7.5, **settings}
         openai = {"prompt": "a lighthouse", "size": f"{args.size}x{args.size}", "steps": args.steps, "seed": 1}
         calls = [
             lambda: session.post(f"{url}/sdapi/v1/txt2img", json=a1111).raise_for_status(),
             lambda: session.post(f"{url}/v1/images/generations", json=openai).raise_for_status(),
-            lambda: pipe.generate("a lighthouse", guidance_scale=7.5, **settings),
         ]
-        rounds = [[timed(call) for call in calls] for _ in range(5 + args.requests)]
-        a, o, g = (statistics.median(r[i] for r in rounds[5:]) * 1000 for i in range(3))
+        totals, direct = [], []
+        for _ in range(5 + args.requests):
+            for call in calls:
+                tic = time.perf_counter()
+                call()
+                totals.append(time.perf_counter() - tic)
+            tic = time.perf_counter()
+            pipe.generate("a lighthouse", guidance_scale=7.5, **settings)
+            direct.append(time.perf_counter() - tic)
+        # the direct generate() calls went through pipe.stream too: every third entry
+        served = [g for i, g in enumerate(generations) if i % 3 != 2]
+        overheads = [(t - g) * 1000 for t, g in zip(totals[10:], served[10:])]
         print(
-            f"{args.size}x{args.size}, {args.steps} step(s), median of {args.requests}: generate() {g:.1f} ms; "
-            f"A1111 txt2img {a:.1f} ms ({a - g:+.1f}); OpenAI generations {o:.1f} ms ({o - g:+.1f})"
+            f"{args.size}x{args.size}, {args.steps} step(s), {args.requests} requests of each API: request "
+            f"{statistics.median(totals[10:]) * 1000:.1f} ms (median), generation inside it "
+            f"{statistics.median(served[10:]) * 1000:.1f} ms, generate() called directly "
+            f"{statistics.median(direct[5:]) * 1000:.1f} ms; overhead per request: median "
+            f"{statistics.median(overheads):.1f} ms, 90th percentile {statistics.quantiles(overheads, n=10)[-1]:.1f} ms"
         )
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        web.should_exit = True
+        thread.join()
+        server.stop()
 
 
 if __name__ == "__main__":

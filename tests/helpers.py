@@ -284,7 +284,8 @@ def running_server(**config):
 
     server = Server(ServerConfig(dtype="float32", **config))
     server.start()
-    sock = socket.socket()
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (without it keep-alive requests wait ~40 ms for ACKs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     web = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)

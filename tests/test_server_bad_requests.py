@@ -158,6 +158,16 @@ def test_openai_bad_edits(served):
     still_serving(url)
 
 
+def test_nulls_mean_defaults(served):
+    url, _ = served
+    nulls = dict.fromkeys(["prompt", "negative_prompt", "seed", "batch_size", "n_iter", "width", "sampler_name"])
+    a1111 = post(url, "/sdapi/v1/txt2img", {**nulls, "steps": 1})
+    assert a1111.status_code == 200 and json.loads(a1111.json()["info"])["width"] == 64  # the model's default
+    nulls = dict.fromkeys(["size", "n", "response_format", "output_format", "model", "seed"])
+    openai_response = post(url, "/v1/images/generations", {"prompt": "x", **nulls, "steps": 1})
+    assert openai_response.status_code == 200 and openai_response.json()["size"] == "64x64"
+
+
 def test_unknown_routes_and_methods_are_json(served):
     url, _ = served
     missing = requests.get(f"{url}/sdapi/v1/nothing", headers=AUTH)

@@ -24,6 +24,12 @@ NO_SCHEDULE = ("", "automatic", "default")  # A1111's "Automatic": the sampler's
 INPAINT_DEFAULTS = {"denoising_strength": 0.75, "mask_blur": 4}  # A1111's API defaults
 
 
+def field(body, key, default):
+    """body[key], or `default` when it is left out or null (pydantic's defaults in A1111)."""
+    value = body.get(key)
+    return default if value is None else value
+
+
 def sampler_name(body):
     """The sampler named by A1111's `sampler_name` (or the older `sampler_index`) and `scheduler` ("Karras", ...)."""
     name = expect(body.get("sampler_name") or body.get("sampler_index"), str, "sampler_name")
@@ -42,19 +48,19 @@ def generation_request(server, body, img2img):
             raise RequestError(f"{key}: this server does not support it (leave it out or off)", key)
     override = expect(body.get("override_settings"), dict, "override_settings") or {}
     expect(body.get("send_images"), bool, "send_images")
-    batch_size, n_iter = body.get("batch_size", 1), body.get("n_iter", 1)
+    batch_size, n_iter = field(body, "batch_size", 1), field(body, "n_iter", 1)
     check_int("batch_size", batch_size, 1, MAX_IMAGES)
     check_int("n_iter", n_iter, 1, MAX_IMAGES // batch_size)
     negative = body.get("negative_prompt")
     settings = GenerationSettings(
-        prompt=body.get("prompt", ""),
+        prompt=field(body, "prompt", ""),
         negative_prompt=None if negative == "" else negative,  # A1111 encodes no negative prompt as SDXL's zeros
         width=body.get("width"),
         height=body.get("height"),
         steps=body.get("steps"),
         guidance_scale=body.get("cfg_scale"),
         sampler=sampler_name(body),
-        seed=body.get("seed", -1),
+        seed=field(body, "seed", -1),
         num_images=batch_size,
         clip_skip=clip_skip(override.get("CLIP_stop_at_last_layers", server.clip_skip)),
     )
@@ -76,15 +82,15 @@ def image_settings(body):
     images = expect(body.get("init_images"), list, "init_images")
     if not images or len(images) != 1:
         raise RequestError("init_images: give exactly one base64 image", "init_images")
-    if body.get("resize_mode", 0) != 0:
+    if field(body, "resize_mode", 0) != 0:
         raise RequestError("resize_mode: only 0 (just resize) is supported", "resize_mode")
     fields = {"image": decode_base64_image(images[0], "init_images")}
-    fields["strength"] = body.get("denoising_strength", INPAINT_DEFAULTS["denoising_strength"])
+    fields["strength"] = field(body, "denoising_strength", INPAINT_DEFAULTS["denoising_strength"])
     if body.get("mask"):
         mask = decode_base64_image(body["mask"], "mask")
         if expect(body.get("inpainting_mask_invert"), (bool, int), "inpainting_mask_invert"):
             mask = ImageOps.invert(mask.convert("L"))
-        fields.update(mask=mask, mask_blur=body.get("mask_blur", INPAINT_DEFAULTS["mask_blur"]))
+        fields.update(mask=mask, mask_blur=field(body, "mask_blur", INPAINT_DEFAULTS["mask_blur"]))
     return fields
 
 

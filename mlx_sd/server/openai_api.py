@@ -25,8 +25,9 @@ MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
 
 
 def value(fields, key, kind, form, default=None):
-    """fields[key] as `kind`; a multipart form's values are strings and are parsed."""
-    raw = fields.get(key, default)
+    """fields[key] as `kind` (`default` when left out or null); a multipart form's values are strings, parsed."""
+    raw = fields.get(key)
+    raw = default if raw is None else raw
     if form and isinstance(raw, str) and kind is not str:
         try:
             raw = float(raw) if kind is float else int(raw)
