@@ -9,18 +9,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
-def _png_info(infotext):
-    info = PngInfo()
-    if infotext is not None:
-        info.add_text("parameters", infotext)
-    return info
-
-
 def save_png(image, path, infotext=None):
     """Saves `image` to `path` through a temporary file in the same folder, so no partial file is left;
     `infotext` (A1111's `parameters` text) goes into a text chunk."""
     path = Path(path)
-    info = _png_info(infotext)
+    info = PngInfo()
+    if infotext is not None:
+        info.add_text("parameters", infotext)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -29,13 +24,6 @@ def save_png(image, path, infotext=None):
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def png_bytes(image, infotext=None):
-    """`image` encoded as PNG in memory, with `infotext` in the `parameters` text chunk as save_png writes it."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=_png_info(infotext))
-    return buffer.getvalue()
 
 
 def read_png_parameters(path):
@@ -48,3 +36,13 @@ def read_png_parameters(path):
     if not text:
         raise ValueError(f"{path} has no generation parameters")
     return text
+
+
+def png_bytes(image, infotext=None):
+    """`image` encoded as PNG in memory, with `infotext` in the `parameters` text chunk as save_png writes it."""
+    info = PngInfo()
+    if infotext is not None:
+        info.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
