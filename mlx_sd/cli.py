@@ -255,6 +255,46 @@ def install_signal_handlers():
             signal.signal(getattr(signal, name), _interrupt)
 
 
+# --- mlx-sd serve ---------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--model", help="Starting model: a name in --models-dir, a path or a Hub id [the folder's first].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port (A1111's default).")
+@click.option("--models-dir", type=click.Path(file_okay=False), help="Models clients may switch to.")
+@click.option("--lora-dir", type=click.Path(file_okay=False), help="LoRAs (NAME.safetensors) for <lora:NAME:w>.")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting; more get 503.")
+@click.option("--max-body-mb", type=int, default=64, show_default=True, help="Largest request body; more get 413.")
+@click.option("--api-key", help="Require `Authorization: Bearer KEY` (OpenAI clients).")
+@click.option("--api-auth", help="Require basic auth USER:PASS (A1111 clients).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without authentication.")
+@click.option("--allow-hub", is_flag=True, help="Let requests name Hugging Face Hub ids as models.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Default: float16 on a GPU, float32 on the CPU.")
+@click.option("--low-memory", is_flag=True, help="Free the text encoders early, halve guidance, decode in tiles.")
+def serve(max_body_mb, **options):
+    """Serve the A1111 and OpenAI image APIs and a web page at http://HOST:PORT/."""
+    try:
+        from .server import ServerConfig
+        from .server import serve as run_server
+    except ImportError as e:
+        missing = f"the server needs its extra ({e.name} is missing)"
+        raise click.ClickException(f'{missing}: pip install "mlx_sd[server]"') from None
+    from .weights import ModelLoadError
+
+    try:
+        check_int("--max-body-mb", max_body_mb, 1, 2**20)
+        config = ServerConfig(max_body_bytes=max_body_mb * 2**20, **options).check()
+        click.echo(f"loading the model; then serving on http://{config.host}:{config.port}/", err=True)
+        run_server(config)
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except ModelLoadError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def main():
     install_signal_handlers()
     cli(prog_name="mlx-sd")

@@ -1,5 +1,6 @@
 """Writing PNGs safely, with the generation parameters in A1111's `parameters` text chunk; reading them back."""
 
+import io
 import os
 import secrets
 from pathlib import Path
@@ -56,3 +57,13 @@ def read_png_parameters(path):
     if not text:
         raise ValueError(f"{path} has no generation parameters")
     return text
+
+
+def png_bytes(image, infotext=None):
+    """`image` encoded as PNG in memory, with `infotext` in the `parameters` text chunk as save_png writes it."""
+    info = PngInfo()
+    if infotext is not None:
+        info.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -3,7 +3,10 @@ pipelines shaped like the real checkpoints, and image comparisons against diffus
 
 import json
 import shutil
+import socket
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -365,3 +368,41 @@ def bomb_png(path, side=30_000):
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
     Path(path).write_bytes(bytes(data))
     return Path(path)
+
+
+# --- the HTTP server (tests/test_server*.py) ---------------------------------------------------------------------
+
+
+def make_models_dir(folder):
+    """A models folder for the server: tiny sd1 and turbo pipelines (sd1 sorts first: the server's default)."""
+    for family in ("sd1", "turbo"):
+        make_pipeline(family, Path(folder) / family)
+    return Path(folder)
+
+
+@contextmanager
+def running_server(**config):
+    """A real mlx_sd server (uvicorn on a free 127.0.0.1 port, in a thread; float32); yields (base URL, Server)."""
+    import uvicorn
+
+    from mlx_sd.server import Server, ServerConfig
+
+    server = Server(ServerConfig(dtype="float32", **config))
+    server.start()
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (without it keep-alive requests wait ~40 ms for ACKs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    web = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not web.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        web.should_exit = True
+        thread.join()
+        server.stop()
+        sock.close()
