@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .controlnet import as_specs, control_residuals, prepare_controls
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
 from .prompts import apply_weights, chunk_prompt, pad_chunks
@@ -191,10 +192,13 @@ class StableDiffusion:
         embeds, _ = encode_chunks(self.text_encoder, chunks, select)
         return Conditioning(embeds.astype(self.dtype), guidance)
 
-    def denoise(self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None):
+    def denoise(
+        self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None, controls=None
+    ):
         """Yields the latents after each sampler step; each step is evaluated before it is yielded.
 
-        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state.
+        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state;
+        `controls`: ControlNets (controlnet.prepare_controls) whose residuals the UNet adds.
         Ancestral samplers draw their noise for image i from a stream seeded by seeds[i], so an image
         comes out the same whichever batch it is generated in.
         """
@@ -203,10 +207,11 @@ class StableDiffusion:
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
+            residuals = control_residuals(controls or [], x, t, conditioning, i, len(timesteps))
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            eps = self.predict_noise(x.astype(self.dtype), t, conditioning).astype(mx.float32)
+            eps = self.predict_noise(x.astype(self.dtype), t, conditioning, residuals).astype(mx.float32)
             if conditioning.guidance:
                 eps_uncond, eps_text = mx.split(eps, 2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -220,15 +225,20 @@ class StableDiffusion:
             mx.eval(latents)
             yield latents
 
-    def predict_noise(self, x, t, conditioning):
+    def predict_noise(self, x, t, conditioning, residuals=None):
         """The UNet's output for x; with guidance in low_memory mode, the negative and positive halves of the
-        batch run as two evaluated calls, so that the UNet's activations are those of half the batch."""
+        batch run as two evaluated calls, so that the UNet's activations are those of half the batch.
+        `residuals`: ControlNet residuals (controlnet.control_residuals), passed to the UNet."""
+        residuals = residuals or {}
         if not (self.low_memory and conditioning.guidance):
-            return self.unet(x, t, conditioning.embeds, **conditioning.extra)
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals)
         n = x.shape[0] // 2
         halves = []
         for part in (slice(0, n), slice(n, 2 * n)):
             extra = {k: v[part] for k, v in conditioning.extra.items()}
+            if residuals:
+                down = [r[part] for r in residuals["down_residuals"]]
+                extra.update(down_residuals=down, mid_residual=residuals["mid_residual"][part])
             halves.append(self.unet(x[part], t, conditioning.embeds[part], **extra))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
@@ -284,6 +294,7 @@ class StableDiffusion:
         target_size=None,
         truncate_prompt=False,
         tiled_decode=None,
+        controlnet=None,
         callback=None,
         cancel=None,
     ):
@@ -302,6 +313,9 @@ class StableDiffusion:
         `truncate_prompt=True` cuts prompts at 75 tokens instead of encoding them in chunks.
         `tiled_decode`: decode images larger than 512 x 512 in blended tiles (see `decode`); the default, None,
         tiles when the pipeline was loaded with low_memory=True.
+        `controlnet`: a ControlSpec or a list of them (mlx_sd.controlnet): ControlNets guiding the generation with
+        their control images, resized to the output size; without an image, the size defaults to the first control
+        image's, rounded down to multiples of 8.
         `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
         threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
@@ -310,6 +324,7 @@ class StableDiffusion:
         if mask is not None and image is None:
             raise ValueError("a mask needs an image to inpaint (image=...)")
         d = self.defaults
+        controlnet = as_specs(controlnet)
         if image is not None:
             image = load_image(image)
             if mask is not None:
@@ -318,6 +333,8 @@ class StableDiffusion:
                 check_image_and_mask(image, mask)
             if width is None and height is None:
                 width, height = default_size(image, self.vae_scale_factor)
+        elif controlnet and width is None and height is None:  # diffusers: the control image's size
+            width, height = default_size(controlnet[0].image, self.vae_scale_factor)
         width = d.width if width is None else int(width)
         height = d.height if height is None else int(height)
         steps = d.steps if steps is None else int(steps)
@@ -334,6 +351,9 @@ class StableDiffusion:
         )
         seeds = [seed + i for i in range(num_images)]
         latents = _noise_or(latents, shape, seeds, "latents", width, height)
+        controls = prepare_controls(
+            controlnet, self.unet.config, width, height, num_images, guidance_scale > 1, self.dtype
+        )
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
@@ -368,7 +388,7 @@ class StableDiffusion:
 
         tic = time.perf_counter()
         total = len(timesteps)
-        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seeds, timesteps, inpaint)
+        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seeds, timesteps, inpaint, controls)
         for step in range(1, total + 1):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(f"cancelled before step {step} of {total}")
@@ -394,6 +414,8 @@ class StableDiffusion:
         )
         if image is not None:
             parameters.update(strength=strength, mask_blur=mask_blur if mask is not None else None)
+        if controlnet:
+            parameters["controlnet"] = [spec.settings() for spec in controlnet]
         return Images(images, seed, parameters, timings, mx.get_peak_memory())
 
     def prepare_image(self, image, mask, mask_blur, width, height, strength, noise, image_noise, scheduler, timesteps):

@@ -259,3 +259,42 @@ def assert_images_close(ours, expected):
     print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
     assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
+
+
+# --- ControlNets -------------------------------------------------------------------------------------
+
+BUNDLED_CONFIGS = Path(__file__).parent.parent / "mlx_sd" / "assets" / "configs"
+# make_pipeline family -> the ControlNet family whose real config a tiny ControlNet for it is shrunk from
+CONTROLNET_FAMILIES = {"sd1": "sd1", "sd2v": "sd2", "turbo": "sd2", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
+
+
+def controlnet_config(family):
+    """The real ControlNet config bundled for a ControlNet family (sd1: control_v11p_sd15_canny, sdxl:
+    controlnet-canny-sdxl-1.0, sd2: SD 2.1's UNet config, as diffusers' cldm_v21.yaml conversion makes it)."""
+    return json.loads((BUNDLED_CONFIGS / family / "controlnet" / "config.json").read_text())
+
+
+def make_controlnet(family, seed=0, **overrides):
+    """A random tiny diffusers ControlNetModel that fits make_pipeline(family)'s UNet: the real ControlNet config
+    shrunk as TINY_UNET shrinks the UNet's. The zero convolutions (controlnet_down_blocks, controlnet_mid_block,
+    the conditioning embedding's conv_out) get PyTorch's default init instead of zeros, and the norms random
+    weights, so that every layer counts."""
+    from diffusers import ControlNetModel
+
+    _, heads, extra = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in controlnet_config(CONTROLNET_FAMILIES[family]).items() if not k.startswith("_")}
+    cfg.update({k: v for k, v in TINY_UNET.items() if k not in ("up_block_types", "sample_size")})
+    cfg.update({k: v for k, v in extra.items() if k != "up_block_types"})
+    context_dims = TINY_CLIP["hidden_size"] * (2 if family in XL else 1)
+    cfg.update(attention_head_dim=heads, cross_attention_dim=context_dims, **overrides)
+    model = ControlNetModel(**cfg)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith(
+                ("controlnet_down_blocks.", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
+                module.reset_parameters()
+    _randomize_norms(model, g)
+    return model.float().eval()
