@@ -265,8 +265,8 @@ def ldm_to_diffusers(weights):
     With the `control_model.` prefix (the A1111 files) the keys without it are ignored, as diffusers does; every
     key under it must map. The UNet-like part (input_blocks, middle_block, time_embed, label_emb) is mapped as
     the UNet's; input_hint_block (convs at even indices), zero_convs and middle_block_out are the ControlNet's."""
-    if any(k.startswith(LDM_PREFIX) for k in weights):
-        weights = {k[len(LDM_PREFIX) :]: v for k, v in weights.items() if k.startswith(LDM_PREFIX)}
+    prefix = LDM_PREFIX if any(k.startswith(LDM_PREFIX) for k in weights) else ""
+    weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     hint = sorted({int(m[1]) for k in weights if (m := re.match(r"input_hint_block\.(\d+)\.", k))})
     own, rest, unknown = {}, {}, []
     for key, value in weights.items():
@@ -292,7 +292,7 @@ def ldm_to_diffusers(weights):
     unknown += rejected
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise ValueError(f"unrecognised ControlNet keys: {', '.join(sorted(unknown)[:5])}{more}")
+        raise ValueError(f"unrecognised ControlNet keys: {', '.join(prefix + k for k in sorted(unknown)[:5])}{more}")
     return {**unet, **own}
 
 
@@ -332,7 +332,7 @@ def single_file_config(weights):
 
 
 def read_single_file(path):
-    """(config dict, diffusers-named weights) of a single-file ControlNet: A1111/LDM or diffusers keys."""
+    """The diffusers-named weights of a single-file ControlNet with A1111/LDM or diffusers keys."""
     try:
         weights = mx.load(str(path), format="safetensors")
     except Exception as e:
@@ -349,7 +349,7 @@ def read_single_file(path):
                     f"(diffusers) keys; found top-level names {found}"
                 )
             weights = ldm_to_diffusers(weights)
-        return single_file_config(weights), weights
+        return weights
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
 
@@ -365,38 +365,54 @@ def _dtype(dtype):
     return DTYPES[dtype]
 
 
-def _open(name_or_path):
-    """(config dict, weights in MLX layout, quantization entry or None) of a ControlNet file, folder or Hub id."""
+def _folder(name_or_path, patterns):
+    """The folder holding a ControlNet's config.json: a folder, Hub id, or a ControlNet pipeline's controlnet/."""
+    folder = resolve_model(name_or_path, patterns)
+    if (folder / "controlnet" / "config.json").is_file():
+        folder = folder / "controlnet"
+    if not (folder / "config.json").is_file():
+        what = "a pipeline without a controlnet/" if (folder / "model_index.json").is_file() else "no config.json"
+        raise ModelLoadError(f"{name_or_path} is not a ControlNet: {what}")
+    return folder
+
+
+def _open(name_or_path, config=None):
+    """(config dict, weights in MLX layout, quantization entry or None) of a ControlNet file, folder or Hub id;
+    `config` (a config.json, or a folder or Hub id holding one) gives a single file's config."""
     path = Path(name_or_path).expanduser()
     refuse_pickle(path)
     if path.suffix.lower() == ".safetensors" and not path.is_dir():
         if not path.is_file():
             raise ModelLoadError(f"ControlNet {name_or_path}: no such file")
-        config, weights = read_single_file(path)
-        return config, sanitize(weights), None
-    folder = resolve_model(name_or_path, HUB_PATTERNS)
-    if (folder / "controlnet" / "config.json").is_file():  # a ControlNet pipeline's folder
-        folder = folder / "controlnet"
-    if not (folder / "config.json").is_file():
-        what = (
-            "a pipeline folder without a controlnet/" if (folder / "model_index.json").is_file() else "no config.json"
-        )
-        raise ModelLoadError(f"{name_or_path} is not a ControlNet: {what}")
+        weights = read_single_file(path)
+        if config is None:
+            try:
+                return single_file_config(weights), sanitize(weights), None
+            except ValueError as e:
+                raise ModelLoadError(f"{path}: {e}") from None
+        json_file = Path(config).expanduser()
+        if json_file.suffix.lower() != ".json":
+            json_file = _folder(config, ["config.json"]) / "config.json"
+        return read_json(json_file), sanitize(weights), None
+    if config is not None:
+        raise ValueError("config= applies to single-file ControlNets only; a ControlNet folder has its config")
+    folder = _folder(name_or_path, HUB_PATTERNS)
     config = read_json(folder / "config.json")
     if is_converted(folder):
         return config, read_converted(folder), config.get("quantization")
     return config, sanitize(read_safetensors(folder)), None
 
 
-def load_controlnet(name_or_path, dtype="float16", quantize=None):
+def load_controlnet(name_or_path, dtype="float16", quantize=None, config=None):
     """A ControlNetModel from a diffusers folder or Hub repo id (config.json + diffusion_pytorch_model.safetensors),
-    a folder written by `convert_controlnet`, or a single `.safetensors` file (A1111/LDM or diffusers keys; its
-    config is the bundled one of its family). Weights load strictly in `dtype`; quantize=4 or 8 quantizes the
-    Linear layers while loading. `model.name` is the source's name (for metadata)."""
+    a folder written by `convert_controlnet`, or a single `.safetensors` file (A1111/LDM or diffusers keys) whose
+    config is `config` (a config.json, or a diffusers ControlNet folder or Hub id) or else the bundled one of its
+    family. Weights load strictly in `dtype`; quantize=4 or 8 quantizes the Linear layers while loading.
+    `model.name` is the source's name (for metadata)."""
     dtype = _dtype(dtype)
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ValueError(f"quantize must be one of {QUANTIZE_BITS} (bits), got {quantize!r}")
-    config, weights, quantization = _open(name_or_path)
+    config, weights, quantization = _open(name_or_path, config)
     if quantization and quantize:
         raise ModelLoadError(f"{name_or_path} is already quantized; load it without quantize")
     model = _build(config, weights, quantization, dtype, name_or_path)
@@ -435,13 +451,20 @@ def is_controlnet(source):
 
 
 def convert_controlnet(
-    source, output_dir, dtype="float16", quantize=None, q_group_size=64, quantize_convolutions=False, force=False
+    source,
+    output_dir,
+    dtype="float16",
+    quantize=None,
+    q_group_size=64,
+    quantize_convolutions=False,
+    config=None,
+    force=False,
 ):
     """Converts a ControlNet (anything load_controlnet reads) into an MLX folder: config.json (with its
     `quantization` entry), mlx_model.safetensors (MLX layout, `dtype`, maybe quantized: Linear layers, and with
     quantize_convolutions the convolutions but conv_in / conv_out) and the manifest mlx_sd.json. Written to a
     temporary folder next to `output_dir` and renamed when complete; an existing `output_dir` is replaced only
-    with force=True. Returns the output path."""
+    with force=True. `config`: a single file's config, as for load_controlnet. Returns the output path."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE_BITS:
@@ -459,7 +482,7 @@ def convert_controlnet(
         raise ValueError(f"refusing to replace {output}: the ControlNet being converted is in it")
     from . import __version__  # not at the top: mlx_sd/__init__.py imports the pipeline, which imports this module
 
-    config, weights, quantization = _open(source)
+    config, weights, quantization = _open(source, config)
     if quantization:
         raise ValueError(f"{source} is already quantized; convert the original ControlNet instead")
     model = _build(config, weights, None, DTYPES[dtype], source)
