@@ -272,11 +272,7 @@ def ldm_to_diffusers(weights):
     for key, value in weights.items():
         module, _, param = key.rpartition(".")
         if m := re.fullmatch(r"input_hint_block\.(\d+)", module):
-            i = int(m[1])
-            new = (
-                "conv_in" if i == 0 else "conv_out" if i == hint[-1] else f"blocks.{i // 2 - 1}" if i % 2 == 0 else None
-            )
-            new = new and f"controlnet_cond_embedding.{new}"
+            new = _hint_module(int(m[1]), hint[-1])
         elif m := re.fullmatch(r"zero_convs\.(\d+)\.0", module):
             new = f"controlnet_down_blocks.{m[1]}"
         elif module == "middle_block_out.0":
@@ -294,6 +290,15 @@ def ldm_to_diffusers(weights):
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise ValueError(f"unrecognised ControlNet keys: {', '.join(prefix + k for k in sorted(unknown)[:5])}{more}")
     return {**unet, **own}
+
+
+def _hint_module(i, last):
+    """input_hint_block.i (Conv2d, SiLU, Conv2d, SiLU, ..., Conv2d) -> the conditioning embedding's conv."""
+    if i == 0:
+        return "controlnet_cond_embedding.conv_in"
+    if i == last:
+        return "controlnet_cond_embedding.conv_out"
+    return f"controlnet_cond_embedding.blocks.{i // 2 - 1}" if i % 2 == 0 else None
 
 
 def single_file_config(weights):
@@ -319,14 +324,18 @@ def single_file_config(weights):
         ]
         if any(k.startswith(f"down_blocks.{i}.attentions.0.") for k in weights):
             depths[i] = max(blocks, default=-1) + 1
-    hint = "controlnet_cond_embedding."
-    embedding = [weights[hint + "conv_in.weight"].shape[0]] + [
-        v.shape[0] for k, v in sorted(weights.items()) if re.fullmatch(rf"{hint}blocks\.\d*[13579]\.weight", k)
-    ]
+    conv_in = weights["controlnet_cond_embedding.conv_in.weight"]  # (out, in, 3, 3)
+    strided = {
+        int(m[1]): v
+        for k, v in weights.items()
+        if (m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight", k))
+    }
     config.update(
         transformer_layers_per_block=depths,
-        conditioning_channels=weights[hint + "conv_in.weight"].shape[1],
-        conditioning_embedding_out_channels=embedding,
+        conditioning_channels=conv_in.shape[1],
+        # the out channels of conv_in and of each stride-2 conv (the odd blocks)
+        conditioning_embedding_out_channels=[conv_in.shape[0]]
+        + [strided[i].shape[0] for i in sorted(strided) if i % 2],
     )
     return config
 
@@ -656,3 +665,20 @@ def control_residuals(controls, x, t, conditioning, step, total):
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return {} if down is None else {"down_residuals": down, "mid_residual": mid}
+
+
+def a1111_units(settings):
+    """A1111 ControlNet extension infotext entries for generate()'s parameters["controlnet"] (ControlSpec.settings
+    dicts): {"ControlNet 0": "Module: canny, Model: ..., Weight: 1, ...", ...}. The control image is stretched to
+    the output size (A1111's "Just Resize"); guess mode is written as "ControlNet is more important", the
+    extension's nearest control mode."""
+    units = {}
+    for i, s in enumerate(settings):
+        fields = [f"Module: {s.get('preprocess', 'none')}", f"Model: {s['model']}", f"Weight: {s['scale']:g}"]
+        fields += ["Resize Mode: Just Resize", "Low Vram: False"]
+        if s.get("preprocess") == "canny":
+            fields += [f"Threshold A: {s['thresholds'][0]:g}", f"Threshold B: {s['thresholds'][1]:g}"]
+        mode = "ControlNet is more important" if s.get("guess_mode") else "Balanced"
+        fields += [f"Guidance Start: {s['start']:g}", f"Guidance End: {s['end']:g}", "Pixel Perfect: False"]
+        units[f"ControlNet {i}"] = ", ".join([*fields, f"Control Mode: {mode}"])
+    return units

@@ -492,3 +492,29 @@ def test_low_memory_gives_the_same_image(models):
     low_memory = StableDiffusion.from_pretrained(folder, dtype="float32", low_memory=True)
     a, b = ours.generate(PROMPT, **common), low_memory.generate(PROMPT, **common)
     assert np.abs(np.asarray(a[0], np.float64) - np.asarray(b[0], np.float64)).max() <= 1
+
+
+def test_a1111_units_read_like_the_extension_writes_them(models, monkeypatch):
+    """The ControlNet settings of a generation as A1111's ControlNet extension writes them (its infotext), and
+    through mlx_sd's A1111 infotext parser."""
+    from mlx_sd.controlnet import a1111_units
+    from mlx_sd.infotext import parse_a1111_parameters
+
+    _, _, nets, _ = models("sd1")
+    monkeypatch.setattr(nets[0][1], "name", "control_v11p_sd15_canny")
+    specs = [
+        ControlSpec(nets[0][1], control_image(), 0.8, 0.0, 0.6, preprocess="canny", thresholds=(100, 200)),
+        ControlSpec(nets[0][1], control_image(), 1.25, 0.1, 1.0, guess_mode=True),
+    ]
+    units = a1111_units([spec.settings() for spec in specs])
+    assert units == {
+        "ControlNet 0": "Module: canny, Model: control_v11p_sd15_canny, Weight: 0.8, Resize Mode: Just Resize, "
+        "Low Vram: False, Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 0.6, "
+        "Pixel Perfect: False, Control Mode: Balanced",
+        "ControlNet 1": "Module: none, Model: control_v11p_sd15_canny, Weight: 1.25, Resize Mode: Just Resize, "
+        "Low Vram: False, Guidance Start: 0.1, Guidance End: 1, Pixel Perfect: False, "
+        "Control Mode: ControlNet is more important",
+    }
+    text = "a cat\nSteps: 2, Seed: 1, " + ", ".join(f"{k}: {json.dumps(v)}" for k, v in units.items())
+    parsed = parse_a1111_parameters(text)
+    assert {k: parsed[k] for k in units} == units
