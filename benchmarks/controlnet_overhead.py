@@ -106,7 +106,7 @@ def main():
             tic = time.perf_counter()
             unet_step(c)
             times[name].append(time.perf_counter() - tic)
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     print(f"{args.family} at {args.size}x{args.size}, guided step (batch 2), {args.dtype}, {mx.default_device()}")
     print(f"peak: UNet step {unet_peak / GiB:.2f} GiB, ControlNet + UNet step {both_peak / GiB:.2f} GiB")
     print(f"extra peak {(both_peak - unet_peak) / GiB:.2f} GiB, of which ControlNet weights {weights / GiB:.2f} GiB")
