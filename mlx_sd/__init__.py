@@ -1,5 +1,6 @@
 """mlx_sd: Stable Diffusion natively on Apple silicon with MLX."""
 
+from .controlnet import ControlSpec, load_controlnet
 from .pipeline import GenerationCancelled, Images, StableDiffusion, StableDiffusionXL, Step
 from .settings import GenerationSettings, SettingsError
 from .weights import ModelLoadError
@@ -14,5 +15,7 @@ __all__ = [
     "Images",
     "GenerationCancelled",
     "ModelLoadError",
+    "ControlSpec",
+    "load_controlnet",
     "__version__",
 ]

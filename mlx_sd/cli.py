@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from .controlnet import pair_control_options
 from .convert import convert_command
 from .hub import DEFAULT_MODEL
 from .outputs import output_paths
@@ -75,6 +76,16 @@ def cli():
 @click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
 @click.option("--mask-blur", type=float, help="Blur radius of the mask, in pixels (default 0).")
 @click.option("--clip-skip", type=int, help="CLIP layer to use, A1111 numbering (1 = last).")
+@click.option("--controlnet", "controlnets", multiple=True, help="A ControlNet (folder, Hub id, .safetensors).")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(dir_okay=False),
+              help="Its control image (one per --controlnet, in order).")  # fmt: skip
+@click.option("--control-scale", "control_scales", multiple=True, type=float, help="Residual scale (1.0).")
+@click.option("--control-start", "control_starts", multiple=True, type=float, help="Share of steps to start at.")
+@click.option("--control-end", "control_ends", multiple=True, type=float, help="Share of steps to end at (1.0).")
+@click.option("--control-preprocess", multiple=True, type=click.Choice(["none", "canny"]), help="Edges first?")
+@click.option("--canny-low", type=int, default=100, show_default=True, help="Canny's lower threshold.")
+@click.option("--canny-high", type=int, default=200, show_default=True, help="Canny's upper threshold.")
+@click.option("--guess-mode", is_flag=True, help="ControlNets see the positive prompt only (diffusers' guess_mode).")
 @click.option("--truncate", "truncate_prompt", is_flag=True, default=None, help="Cut prompts at 75 tokens.")
 @click.option("--low-memory", is_flag=True, help="Free the text encoders early, halve guidance, decode in tiles.")
 @click.option("--tiled-decode/--no-tiled-decode", default=None, help="Decode in blended 512px tiles.")
@@ -89,6 +100,7 @@ def generate(prompt, model, num_images, batch_size, dtype, quantize, variant, lo
              preview, from_png, quiet, verbose, **options):  # fmt: skip
     """Generate images from PROMPT."""
     try:
+        controls = _control_options(options)
         settings, model = _generation_settings(prompt, model, from_png, options)
         check_int("-n/--num-images", num_images, 1, MAX_IMAGES)
         check_int("--batch-size", batch_size, 1, MAX_IMAGES)
@@ -98,7 +110,7 @@ def generate(prompt, model, num_images, batch_size, dtype, quantize, variant, lo
     seeds = [image_seed(seed, i) for i in range(num_images)]
     paths = output_paths(output, seeds[:1] if grid else seeds, overwrite)
     run = Run(settings.replace(seed=seed), paths, Progress(not quiet and sys.stderr.isatty(), num_images), grid,
-              preview, verbose, overwrite)  # fmt: skip
+              preview, verbose, overwrite, controls)  # fmt: skip
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         loading = dict(
@@ -111,6 +123,31 @@ class UsageError(click.ClickException):
     """A bad setting: one line on stderr and exit code 2 (click's UsageError also prints the usage)."""
 
     exit_code = 2
+
+
+def _control_options(options):
+    """ControlSpec arguments from the --controlnet / --control-* options (taken out of `options`)."""
+    names = ("controlnets", "control_images", "control_scales", "control_starts", "control_ends", "control_preprocess")
+    models, images, scales, starts, ends, preprocess = (options.pop(name) for name in names)
+    thresholds, guess_mode = (options.pop("canny_low"), options.pop("canny_high")), options.pop("guess_mode")
+    return pair_control_options(models, images, scales, starts, ends, preprocess, thresholds=thresholds,
+                                guess_mode=guess_mode)  # fmt: skip
+
+
+def _with_controlnets(settings, controls, dtype, quantize):
+    """The settings with the ControlNets loaded (in the pipeline's dtype) and their specs checked."""
+    if not controls:
+        return settings
+    from .controlnet import ControlSpec, load_controlnet
+
+    specs = []
+    for arguments in controls:
+        model = load_controlnet(arguments["model"], dtype, quantize)
+        try:
+            specs.append(ControlSpec(**{**arguments, "model": model}))
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+    return settings.replace(controlnet=specs).validate()
 
 
 def _generation_settings(prompt, model, from_png, options):
@@ -144,6 +181,7 @@ class Run:
     preview: bool
     verbose: bool
     overwrite: bool
+    controls: list  # ControlSpec arguments (controlnet.pair_control_options), the model a name until loaded
     previews: list = field(default_factory=list)  # the preview's name, claimed by its first save
 
 
@@ -155,6 +193,7 @@ def _run(run, model, num_images, batch_size, loading):
     try:
         tic = time.perf_counter()
         pipe = StableDiffusion.from_pretrained(model, **loading)
+        run.settings = _with_controlnets(run.settings, run.controls, pipe.dtype, loading["quantize"])
         if run.verbose:
             chosen = "" if loading["dtype"] else " (the default on this backend)"
             click.echo(f"{model}: {pipe.family}, dtype {DTYPE_NAMES[pipe.dtype]}{chosen}", err=True)

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__
+from .controlnet import controlnet_family, is_controlnet, open_controlnet
 from .hub import CONFIG_PATTERNS, resolve_model, resolve_variant
 from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, model_family, single_file_components
 from .pipeline import DTYPES, PIPELINES
@@ -70,17 +71,15 @@ def convert(
     an interrupted replacement is finished (or undone, if the new folder was incomplete).
     """
     _check_arguments(dtype, quantize, q_group_size, quantize_vae or quantize_convolutions, prediction_type)
+    if is_controlnet(source):
+        return convert_controlnet(
+            source, output_dir, dtype, quantize, q_group_size, quantize_convolutions, config, force
+        )
     chosen = resolve_variant(dtype, variant)
     output = Path(output_dir).expanduser()
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"folder {output.parent} does not exist")
-    with _lock(output):
-        _recover(output)
-        _check_output(output, force)
+    with _writing(output, force) as job:
         folder, checkpoint, family = _open_source(source, prediction_type, config, dtype, variant)
-        for used in (folder, checkpoint):
-            if used is not None and force and Path(used).resolve().is_relative_to(output.resolve()):
-                raise ValueError(f"refusing to replace {output}: the model being converted is in it")
+        _check_not_inside(output, force, folder, checkpoint)
         index = read_json(folder / "model_index.json")
         if index.get("_class_name") not in PIPELINES:
             raise ModelLoadError(f"{source} is a {index.get('_class_name')}; mlx_sd converts {', '.join(PIPELINES)}")
@@ -92,25 +91,84 @@ def convert(
             "components": quantized,
             "convolutions": quantize_convolutions,
         }
-        work = _work_folder(output)
-        try:
-            for name in components:
-                bits = quantize if name in quantized else None
-                convolutions = quantize_convolutions and name == "unet"
-                _convert_component(
-                    folder, name, work, DTYPES[dtype], bits, q_group_size, checkpoint, convolutions, chosen
-                )
-            _copy_configs(folder, work, index, prediction_type)
-            manifest = _manifest(source, family, dtype, read_json(work / "scheduler" / "scheduler_config.json"))
-            (work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
-            _replace(work, output, force)
-        except BaseException as e:  # KeyboardInterrupt (and SIGTERM/SIGHUP in the CLI) included
-            shutil.rmtree(work, ignore_errors=True)
-            if _disk_full(e):
-                needed = _estimated_size(folder, components, checkpoint, DTYPES[dtype], chosen)
-                raise _disk_full_error(output, needed) from None
-            raise
+        job.needed = lambda: _estimated_size(folder, components, checkpoint, DTYPES[dtype], chosen)
+        for name in components:
+            bits = quantize if name in quantized else None
+            convolutions = quantize_convolutions and name == "unet"
+            _convert_component(folder, name, job.work, DTYPES[dtype], bits, q_group_size, checkpoint, convolutions,
+                               chosen)  # fmt: skip
+        _copy_configs(folder, job.work, index, prediction_type)
+        manifest = _manifest(source, family, dtype, read_json(job.work / "scheduler" / "scheduler_config.json"))
+        (job.work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
     return output
+
+
+def convert_controlnet(
+    source, output_dir, dtype="float16", quantize=None, q_group_size=64, quantize_convolutions=False, config=None,
+    force=False,
+):  # fmt: skip
+    """Converts a ControlNet (anything controlnet.load_controlnet reads) into an MLX folder: config.json (with its
+    `quantization` entry), mlx_model.safetensors (MLX layout, `dtype`, maybe quantized: Linear layers, and with
+    quantize_convolutions the convolutions but conv_in / conv_out) and the manifest mlx_sd.json (kind
+    "controlnet"), with the same safety as convert(). `config`: a single file's config, as for load_controlnet."""
+    _check_arguments(dtype, quantize, q_group_size, quantize_convolutions, None)
+    output = Path(output_dir).expanduser()
+    with _writing(output, force) as job:
+        path = Path(source).expanduser()
+        _check_not_inside(output, force, path if path.exists() else None)
+        model, config, quantization = open_controlnet(source, DTYPES[dtype], config)
+        if quantization:
+            raise ValueError(f"{source} is already quantized; convert the original ControlNet instead")
+        job.needed = lambda: sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        if quantize:
+            config["quantization"] = quantize_model(model, quantize, q_group_size, quantize_convolutions)
+            mx.eval(model.parameters())
+        mx.save_safetensors(str(job.work / MLX_WEIGHTS), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})  # fmt: skip
+        (job.work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        manifest = {**_manifest(source, controlnet_family(model.config), dtype, {}), "kind": "controlnet"}
+        manifest.pop("prediction_type")
+        quantization = quantize and {
+            "bits": quantize,
+            "group_size": q_group_size,
+            "convolutions": quantize_convolutions,
+        }
+        (job.work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
+    return output
+
+
+class _Job:
+    """The work folder of one conversion and, for a disk-full message, how many bytes it needs."""
+
+    def __init__(self, work):
+        self.work, self.needed = work, lambda: 0
+
+
+@contextmanager
+def _writing(output, force):
+    """Yields a _Job whose work folder (next to `output`) becomes `output` when the block ends. Holds the lock
+    of `output`, finishes what a dead conversion left (_recover), refuses an `output` that cannot be replaced; on
+    any error or interrupt the work folder is removed, and a full disk is one line with the space needed."""
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"folder {output.parent} does not exist")
+    with _lock(output):
+        _recover(output)
+        _check_output(output, force)
+        job = _Job(_work_folder(output))
+        try:
+            yield job
+            _replace(job.work, output, force)
+        except BaseException as e:  # KeyboardInterrupt (and SIGTERM/SIGHUP in the CLI) included
+            shutil.rmtree(job.work, ignore_errors=True)
+            if _disk_full(e):
+                raise _disk_full_error(output, job.needed()) from None
+            raise
+
+
+def _check_not_inside(output, force, *sources):
+    for used in sources:
+        if used is not None and force and Path(used).resolve().is_relative_to(output.resolve()):
+            raise ValueError(f"refusing to replace {output}: the model being converted is in it")
 
 
 def _check_arguments(dtype, quantize, q_group_size, quantize_more, prediction_type):

@@ -14,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .controlnet import control_residuals, prepare_controls
 from .hub import resolve_variant
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
@@ -121,6 +122,7 @@ class Job:
     latents: mx.array  # the starting latents, scaled for the first step
     conditioning: Conditioning
     inpaint: Inpainting | None
+    controls: list  # ControlNets with their prepared control images (controlnet.prepare_controls)
     timings: dict
 
 
@@ -257,10 +259,13 @@ class StableDiffusion:
         embeds, _ = encode_chunks(self.text_encoder, chunks, select)
         return Conditioning(embeds.astype(self.dtype), guidance)
 
-    def denoise(self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None):
+    def denoise(
+        self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None, controls=()
+    ):
         """Yields the latents after each sampler step; each step is evaluated before it is yielded.
 
-        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state.
+        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state;
+        `controls`: ControlNets (controlnet.prepare_controls) whose residuals the UNet adds.
         Ancestral samplers draw their noise for image i from a stream seeded by seeds[i] (`step_noise`), so an
         image comes out the same whichever batch it is generated in.
         """
@@ -269,10 +274,11 @@ class StableDiffusion:
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
+            residuals = control_residuals(controls, x.astype(self.dtype), t, conditioning, i, len(timesteps))
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            out = self.predict(x.astype(self.dtype), t, conditioning).astype(mx.float32)
+            out = self.predict(x.astype(self.dtype), t, conditioning, residuals).astype(mx.float32)
             if conditioning.guidance:
                 out_uncond, out_text = mx.split(out, 2)
                 out = out_uncond + guidance_scale * (out_text - out_uncond)
@@ -286,16 +292,20 @@ class StableDiffusion:
             mx.eval(latents)
             yield latents
 
-    def predict(self, x, t, conditioning):
+    def predict(self, x, t, conditioning, residuals=None):
         """The UNet's output for x (noise or v, as the model predicts); with guidance in low_memory mode, the
         negative and positive halves of the batch run as two evaluated calls, so that the UNet's activations are
-        those of half the batch."""
+        those of half the batch. `residuals`: ControlNet residuals (controlnet.control_residuals) for the UNet."""
+        residuals = residuals or {}
         if not (self.low_memory and conditioning.guidance):
-            return self.unet(x, t, conditioning.embeds, **conditioning.extra)
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals)
         n = x.shape[0] // 2
         halves = []
         for part in (slice(0, n), slice(n, 2 * n)):
             extra = {k: v[part] for k, v in conditioning.extra.items()}
+            if residuals:
+                down = [r[part] for r in residuals["down_residuals"]]
+                extra.update(down_residuals=down, mid_residual=residuals["mid_residual"][part])
             halves.append(self.unet(x[part], t, conditioning.embeds[part], **extra))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
@@ -331,8 +341,9 @@ class StableDiffusion:
 
         `prompt`: the prompt, or a GenerationSettings; the keyword arguments are GenerationSettings fields
         (negative_prompt, width, height, steps, guidance_scale, sampler, seed, num_images, clip_skip, image,
-        strength, mask, mask_blur, latents, image_noise, original_size, crops_coords_top_left, target_size,
-        truncate_prompt, tiled_decode; see settings.py), overriding the object's. Left out: the model's defaults.
+        strength, mask, mask_blur, controlnet, latents, image_noise, original_size, crops_coords_top_left,
+        target_size, truncate_prompt, tiled_decode, ...; see settings.py), overriding the object's. Left out: the
+        model's defaults. `controlnet`: ControlSpecs (mlx_sd.controlnet), each a ControlNet with its control image.
         `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
         threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
@@ -360,7 +371,7 @@ class StableDiffusion:
         total = len(job.timesteps)
         latents = job.latents
         steps = self.denoise(job.conditioning, latents, job.scheduler, s.guidance_scale, s.seeds, job.timesteps,
-                             job.inpaint)  # fmt: skip
+                             job.inpaint, job.controls)  # fmt: skip
         for step, latents in enumerate(steps, 1):
             yield Step(step, total, latents)
         timings["denoise"] = time.perf_counter() - tic
@@ -386,6 +397,9 @@ class StableDiffusion:
         options = {} if s.eta is None else {"eta": s.eta}
         scheduler = make_scheduler(s.sampler, self.scheduler_config, s.schedule, s.timestep_spacing, **options)
         scheduler.set_timesteps(s.steps)
+        guided = s.guidance_scale > 1
+        controls = prepare_controls(s.controlnet or [], self.unet.config, s.width, s.height, s.num_images, guided,
+                                    self.dtype)  # fmt: skip
         timings, tic = {}, time.perf_counter()
         timesteps, inpaint = scheduler.timesteps, None
         if s.image is None:
@@ -408,7 +422,7 @@ class StableDiffusion:
         if self.low_memory:
             self.free_text_encoders()
         timings["text_encoder"] = time.perf_counter() - tic
-        return Job(s, scheduler, timesteps, latents, conditioning, inpaint, timings)
+        return Job(s, scheduler, timesteps, latents, conditioning, inpaint, controls, timings)
 
     def prepare_image(self, settings, noise, image_noise, scheduler, timesteps):
         """The starting latents of image-to-image / inpainting and the inpainting state (None for img2img).

@@ -10,6 +10,7 @@ import random
 import unicodedata
 from dataclasses import dataclass, field, fields
 
+from .controlnet import a1111_units, as_specs
 from .infotext import format_infotext, parse_infotext
 from .prompts import parse_prompt_attention
 from .schedulers import SAMPLERS, SPACINGS, a1111_names, max_steps, parse_sampler, parse_schedule
@@ -60,6 +61,7 @@ class GenerationSettings:
     target_size: tuple | None = None
     truncate_prompt: bool = False
     tiled_decode: bool | None = None  # None: tile when the pipeline has low_memory
+    controlnet: object = field(default=None, repr=False)  # ControlSpecs (mlx_sd.controlnet): ControlNets and images
     latents: object = field(default=None, repr=False)  # (N, h, w, 4) initial noise, standard normal
     image_noise: object = field(default=None, repr=False)  # (N, h, w, 4) the VAE posterior sample's draw
 
@@ -91,6 +93,7 @@ class GenerationSettings:
             if not (isinstance(value, bool) or (name == "tiled_decode" and value is None)):
                 raise SettingsError(f"{name} must be True or False, got {value!r}")
         self._validate_sampler()
+        self.controlnet = _settings_error(as_specs, self.controlnet) or None
         return self
 
     def _validate_sampler(self):
@@ -139,8 +142,9 @@ class GenerationSettings:
         drawn, and the checks that depend on the model. Images are loaded by the pipeline, not here."""
         s = dataclasses.replace(self).validate()
         d = model.defaults
-        if s.image is not None and s.width is None and s.height is None:
-            s.width, s.height = model.image_size(s.image)
+        if s.width is None and s.height is None and (s.image is not None or s.controlnet):
+            # the input image's size, else the first control image's (diffusers)
+            s.width, s.height = model.image_size(s.image if s.image is not None else s.controlnet[0].image)
         s.width = d.width if s.width is None else s.width
         s.height = d.height if s.height is None else s.height
         s.steps = d.steps if s.steps is None else s.steps
@@ -203,6 +207,7 @@ class GenerationSettings:
     def to_infotext(self, model_name):
         """The A1111 `parameters` text of these (resolved) settings."""
         values = [(key, fmt(self, model_name)) for key, fmt, _ in INFOTEXT]
+        values += list(a1111_units([spec.settings() for spec in self.controlnet or []]).items())
         return format_infotext(self.prompt, self.negative_prompt, [(k, v) for k, v in values if v is not None])
 
     @classmethod

@@ -406,3 +406,88 @@ def running_server(**config):
         thread.join()
         server.stop()
         sock.close()
+
+
+# --- ControlNets -------------------------------------------------------------------------------------
+
+BUNDLED_CONFIGS = Path(__file__).parent.parent / "mlx_sd" / "assets" / "configs"
+# make_pipeline family -> the ControlNet family whose real config a tiny ControlNet for it is shrunk from
+CONTROLNET_FAMILIES = {"sd1": "sd1", "sd2v": "sd2", "turbo": "sd2", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
+
+
+def controlnet_config(family):
+    """The real ControlNet config bundled for a ControlNet family (sd1: control_v11p_sd15_canny, sdxl:
+    controlnet-canny-sdxl-1.0, sd2: SD 2.1's UNet config, as diffusers' cldm_v21.yaml conversion makes it)."""
+    return json.loads((BUNDLED_CONFIGS / family / "controlnet" / "config.json").read_text())
+
+
+def make_controlnet(family, seed=0, **overrides):
+    """A random tiny diffusers ControlNetModel that fits make_pipeline(family)'s UNet: the real ControlNet config
+    shrunk as TINY_UNET shrinks the UNet's. The zero convolutions (controlnet_down_blocks, controlnet_mid_block,
+    the conditioning embedding's conv_out) get PyTorch's default init instead of zeros, and the norms random
+    weights, so that every layer counts."""
+    from diffusers import ControlNetModel
+
+    _, heads, extra = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in controlnet_config(CONTROLNET_FAMILIES[family]).items() if not k.startswith("_")}
+    cfg.update({k: v for k, v in TINY_UNET.items() if k not in ("up_block_types", "sample_size")})
+    cfg.update({k: v for k, v in extra.items() if k != "up_block_types"})
+    context_dims = TINY_CLIP["hidden_size"] * (2 if family in XL else 1)
+    cfg.update(attention_head_dim=heads, cross_attention_dim=context_dims, **overrides)
+    model = ControlNetModel(**cfg)
+    wake_zero_convs(model)
+    _randomize_norms(model, g)
+    return model.float().eval()
+
+
+ZERO_CONVS = ("controlnet_down_blocks.", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def wake_zero_convs(controlnet):
+    """Gives a diffusers ControlNet's zero-initialised convolutions PyTorch's default init: with zeros its
+    residuals are zero, and a parity test on them proves nothing."""
+    with torch.no_grad():
+        for name, module in controlnet.named_modules():
+            if name.startswith(ZERO_CONVS) and isinstance(module, torch.nn.Conv2d):
+                module.reset_parameters()
+
+
+def control_image(width=67, height=45):
+    """An odd-sized RGB control image: light shapes (a disc and a bar) on a dark ground, edges for Canny to find."""
+    from PIL import Image
+
+    ys, xs = np.mgrid[0:height, 0:width]
+    disc = (xs - width * 0.35) ** 2 + (ys - height * 0.5) ** 2 < (min(width, height) * 0.3) ** 2
+    bar = (abs(xs - width * 0.75) < width * 0.08) & (ys > height * 0.15) & (ys < height * 0.85)
+    pixels = np.where((disc | bar)[:, :, None], [255, 240, 200], [0, 10, 30]).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@contextmanager
+def injected_noise(monkeypatch, pipe, noise, image_noise):
+    """Makes the diffusers pipeline `pipe` use `noise` (N, 4, h, w) as its start noise (`randn_tensor` of its
+    module) and `image_noise` as eps of every VAE posterior sample, the arrays mlx_sd gets as `latents=` and
+    `image_noise=`; yields the counts of draws, so that a test can tell that the injection happened."""
+    import sys
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    draws = {"posterior": 0, "noise": 0}
+
+    def sample(self, generator=None):
+        draws["posterior"] += 1
+        eps = image_noise[: self.mean.shape[0]]
+        assert eps.shape == self.mean.shape
+        return self.mean + self.std * eps
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        draws["noise"] += 1
+        assert tuple(shape) == tuple(noise.shape)
+        return noise.clone()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiagonalGaussianDistribution, "sample", sample)
+        patch.setattr(sys.modules[type(pipe).__module__], "randn_tensor", randn_tensor)
+        yield draws

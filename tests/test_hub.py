@@ -15,6 +15,7 @@ from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, Repos
 from helpers import make_pipeline
 from mlx_sd import ModelLoadError, hub
 from mlx_sd.cli import cli
+from mlx_sd.controlnet import CONTROLNET_PROBE
 from mlx_sd.convert import convert, convert_command
 from mlx_sd.hub import DEFAULT_MODEL, FALLBACK_MODEL, MOVED, resolve_model, resolve_variant, variant_patterns
 from mlx_sd.loading import open_model
@@ -140,7 +141,9 @@ def test_convert_reads_the_variant_the_dtype_asks_for(variant_folder, tmp_path, 
     convert("someone/sd-model", tmp_path / "half", dtype="float16")
     convert("someone/sd-model", tmp_path / "full", dtype="float32")
     convert("someone/sd-model", tmp_path / "forced", dtype="float16", variant="none")
-    (_, half), (_, full), (_, forced) = hub_.asked
+    # each conversion first asks for the config files only (is it a ControlNet?), then for the weights
+    assert [p for _, p in hub_.asked[::2]] == [CONTROLNET_PROBE] * 3
+    (_, half), (_, full), (_, forced) = hub_.asked[1::2]
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in half
     assert "unet/diffusion_pytorch_model.safetensors" in full and "unet/diffusion_pytorch_model.safetensors" in forced
     assert not any("fp16" in p for p in full + forced) and not any(p.endswith("model.safetensors") for p in half)
