@@ -10,6 +10,7 @@ from PIL import Image
 
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
+from .lora import Adapters
 from .prompts import apply_weights, chunk_prompt, pad_chunks
 from .schedulers import default_sampler, make_scheduler, resolve_sampler
 from .vae import should_tile
@@ -126,6 +127,7 @@ class StableDiffusion:
             if self.reload_text_encoders is None:
                 raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
             self.reload_text_encoders(self)
+            self.attach_adapters()
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="float16", low_memory=False, quantize=None):
@@ -445,6 +447,59 @@ class StableDiffusion:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
+
+    # --- LoRAs and textual-inversion embeddings (mlx_sd.lora.Adapters) ----------------------------
+
+    _adapters = None
+    ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the models LoRAs apply to
+
+    @property
+    def adapters(self):
+        """The pipeline's LoRAs and embeddings, created on first use (reading the text encoders back if freed)."""
+        if self._adapters is None:
+            self._ensure_text_encoders()
+            self._adapters = Adapters(self.family)
+            self.attach_adapters()
+        return self._adapters
+
+    def attach_adapters(self):
+        """Applies the LoRAs and embeddings to the components in memory; call it after (re)loading a component."""
+        if self._adapters is None:
+            return
+        for name in self.ADAPTER_COMPONENTS:
+            if getattr(self, name, None) is not None:
+                self._adapters.attach(name, getattr(self, name))
+        for tokenizer, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            if hasattr(self, tokenizer):
+                self._adapters.attach_tokenizer(encoder, getattr(self, tokenizer))
+
+    def load_lora(self, path, scale=1.0, name=None):
+        """Applies a LoRA file (Kohya / A1111, diffusers / PEFT, LyCORIS LoHa / LoKr; .safetensors) at `scale`;
+        returns its name (default: the file name without suffix). Float layers get the change merged into their
+        weights, quantized layers a low-rank branch; unloading restores the original weights exactly."""
+        return self.adapters.load_lora(path, scale, name)
+
+    def set_lora_scale(self, name, scale):
+        """Changes a loaded LoRA's scale (finite, |scale| <= 10; 0 turns it off); the model is not reloaded."""
+        self.adapters.set_scale(name, scale)
+
+    def unload_lora(self, name=None):
+        """Removes the LoRA `name`, or all of them (None)."""
+        self.adapters.unload_lora(name)
+
+    @property
+    def loras(self):
+        """The loaded LoRAs: name -> scale."""
+        return {} if self._adapters is None else self._adapters.scales
+
+    def load_textual_inversion(self, path, token=None):
+        """Loads a textual-inversion embedding (A1111, diffusers or SDXL .safetensors); returns its token, which
+        used as a word in a prompt inserts its vectors (default: the stored token, else the file name)."""
+        return self.adapters.load_embedding(path, token)
+
+    def unload_textual_inversion(self, token=None):
+        """Removes the embedding `token`, or all of them (None)."""
+        self.adapters.unload_embedding(token)
 
 
 class StableDiffusionXL(StableDiffusion):

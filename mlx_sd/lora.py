@@ -1,0 +1,398 @@
+"""Applying LoRAs and textual-inversion embeddings to a pipeline's models, reversibly.
+
+Float layers get `scale * dW` merged into their weights (no cost per step); the original weight is kept, and every
+change of the LoRA set or of a scale recomputes the layer from it, so that unloading gives back the very same arrays.
+Quantized layers (QuantizedLinear, QuantizedConv2d) cannot take a merge without requantizing, which would round the
+change away; they are wrapped in a `LoRABranch`: y = Wq x + up(down(x)) (+ dense(x) for LoHa / LoKr / full deltas).
+"""
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .embeddings import SDXL_KEYS, read_embedding
+from .lora_formats import FAMILY_NAMES, MAX_EXAMPLES, guess_family, module_names, read_lora, target
+from .quantize import QuantizedConv2d
+from .weights import ModelLoadError
+
+MAX_SCALE = 10.0
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What a LoRA needs to know of a layer: its weight shape in PyTorch layout (out, in[, kh, kw]), and kind."""
+
+    shape: tuple
+    conv: bool
+    quantized: bool
+    bias: bool
+
+
+def layer_table(module):
+    """{path: Layer} of every Linear / Conv2d layer, quantized or not, of a model."""
+    modules = dict(module.named_modules())
+    table = {}
+    for path, m in modules.items():
+        if isinstance(m, LoRABranch):
+            m = m.base
+        elif path.rpartition(".")[0] in modules and isinstance(modules[path.rpartition(".")[0]], LoRABranch):
+            continue
+        if isinstance(m, nn.Linear):
+            table[path] = Layer(tuple(m.weight.shape), False, False, "bias" in m)
+        elif isinstance(m, nn.QuantizedLinear):
+            table[path] = Layer((m.weight.shape[0], m.weight.shape[1] * 32 // m.bits), False, True, "bias" in m)
+        elif isinstance(m, (nn.Conv2d, QuantizedConv2d)):
+            o, kh, kw, i = m.kernel_shape if isinstance(m, QuantizedConv2d) else m.weight.shape
+            table[path] = Layer((o, i, kh, kw), True, isinstance(m, QuantizedConv2d), "bias" in m)
+    return table
+
+
+def to_layer_layout(w, layer):
+    """(n, in * kh * kw) in PyTorch order -> our layout: (n, in) for Linear, (n, kh, kw, in) for convolutions."""
+    if not layer.conv:
+        return w
+    _, i, kh, kw = layer.shape
+    return w.reshape(w.shape[0], i, kh, kw).transpose(0, 2, 3, 1)
+
+
+class LoRABranch(nn.Module):
+    """A quantized layer with weight changes beside it: y = base(x) + (down(x) @ up.T) + dense(x).
+
+    `down` is (r, in) or an (r, kh, kw, in) kernel run with the layer's stride and padding, `up` (out, r) carries the
+    scales; `dense` is a full weight change (LoHa, LoKr, full deltas). The factors are private: not parameters."""
+
+    def __init__(self, base, down, up, dense):
+        super().__init__()
+        self.base = base
+        self._down, self._up, self._dense = down, up, dense
+        self._conv = isinstance(base, QuantizedConv2d)
+
+    def _apply(self, x, w):
+        if not self._conv:
+            return x @ w.T
+        b = self.base
+        return mx.conv2d(x, w, stride=b.stride, padding=b.padding, dilation=b.dilation, groups=b.groups)
+
+    def __call__(self, x):
+        y = self.base(x)
+        if self._down is not None:
+            y = y + self._apply(x, self._down) @ self._up.T
+        if self._dense is not None:
+            y = y + self._apply(x, self._dense)
+        return y
+
+
+def _branch(base, layer, active):
+    """A LoRABranch for the (scale, patch) pairs with a weight change, or None if there is none."""
+    dtype = base.scales.dtype
+    low = [(s, p.factors) for s, p in active if p.factors is not None]
+    dense = [s * p.delta2d() for s, p in active if p.factors is None and p.shape2d is not None]
+    if not low and not dense:
+        return None
+    down = up = None
+    if low:
+        up = mx.concatenate([s * u for s, (u, _) in low], axis=1).astype(dtype)  # (out, R)
+        down = to_layer_layout(mx.concatenate([d for _, (_, d) in low], axis=0), layer).astype(dtype)
+    dense = to_layer_layout(sum(dense), layer).astype(dtype) if dense else None
+    return LoRABranch(base, down, up, dense)
+
+
+def _module(root, path):
+    for part in path.split("."):
+        root = root[int(part)] if isinstance(root, list) else getattr(root, part)
+    return root
+
+
+def _set_module(root, path, module):
+    head, _, last = path.rpartition(".")
+    parent = _module(root, head) if head else root
+    if isinstance(parent, list):
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
+def _merge(originals, key, layer, param, deltas):
+    """Sets layer.param to its original plus the sum of deltas (float32), or back to the original when none."""
+    original = originals.get(key)
+    if original is None:
+        if not deltas:
+            return None
+        original = originals[key] = getattr(layer, param)
+    if not deltas:
+        setattr(layer, param, originals.pop(key))
+        return None
+    merged = (original.astype(mx.float32) + sum(deltas)).astype(original.dtype)
+    setattr(layer, param, merged)
+    return merged
+
+
+def check_scale(scale):
+    """A LoRA scale as a float: finite and within +-MAX_SCALE; ValueError otherwise."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"LoRA scale must be a number, got {scale!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_SCALE:
+        raise ValueError(f"LoRA scale must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g}, got {scale!r}")
+    return value
+
+
+@dataclass
+class LoadedLoRA:
+    path: Path
+    scale: float
+    patches: dict  # (component, module path) -> Patch
+
+
+@dataclass
+class _Attached:
+    ref: weakref.ref  # the component's module; its state goes when the module is freed
+    table: dict
+    originals: dict = field(default_factory=dict)  # "path.param" -> the weight before any LoRA
+
+
+@dataclass
+class _TextEncoder:
+    vocab_size: int
+    hidden_size: int
+    dtype: mx.Dtype
+
+
+class Adapters:
+    """The LoRAs and textual-inversion embeddings of one pipeline.
+
+    `attach(name, module)` applies them to a component (unet, text_encoder, text_encoder_2) and must be called again
+    for a component read anew from disk (low_memory); a freed component's state is dropped with it."""
+
+    def __init__(self, family=None):
+        self.family = family
+        self.loras = {}  # name -> LoadedLoRA
+        self.embeddings = {}  # token -> Embedding
+        self._attached = {}
+        self._tables = {}  # component -> layer table, kept while its module is freed
+        self._text = {}  # text encoder -> _TextEncoder
+        self._tokenizers = {}  # text encoder -> its tokenizer
+
+    @property
+    def scales(self):
+        return {name: lora.scale for name, lora in self.loras.items()}
+
+    # --- components ---------------------------------------------------------------------------
+
+    def attach(self, name, module):
+        """Applies the loaded LoRAs and embeddings to `module`, the pipeline's component `name`."""
+        attached = self._attached.get(name)
+        if attached is not None and attached.ref() is module:
+            return
+        table = self._tables[name] = layer_table(module)
+        self._attached[name] = _Attached(weakref.ref(module, partial(self._forget, name)), table)
+        if name in TEXT_ENCODERS:
+            embeddings = module.text_model.embeddings
+            config = module.config
+            self._text[name] = _TextEncoder(
+                config.vocab_size, config.hidden_size, embeddings.position_embedding.weight.dtype
+            )
+            self._apply_embeddings()
+        self._refresh({key for lora in self.loras.values() for key in lora.patches if key[0] == name})
+
+    def attach_tokenizer(self, encoder, tokenizer):
+        """Registers the tokenizer of text encoder `encoder`, which learns the embeddings' words."""
+        self._tokenizers[encoder] = tokenizer
+        self._apply_embeddings()
+
+    def _forget(self, name, ref):
+        attached = self._attached.get(name)
+        if attached is not None and attached.ref is ref:
+            del self._attached[name]
+
+    # --- LoRAs ----------------------------------------------------------------------------------
+
+    def load_lora(self, path, scale=1.0, name=None):
+        """Reads a LoRA file and applies it at `scale`; returns its name (default: the file name without suffix)."""
+        scale = check_scale(scale)
+        path = Path(path)
+        name = path.stem if name is None else name
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a LoRA name must be a non-empty string, got {name!r}")
+        if name in self.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded: unload it first or give another name")
+        patches = resolve(read_lora(path), self._tables, self.family)
+        self.loras[name] = LoadedLoRA(path, scale, patches)
+        self._refresh(patches)
+        return name
+
+    def set_scale(self, name, scale):
+        """Changes the scale of a loaded LoRA (0 turns it off without unloading it)."""
+        scale = check_scale(scale)
+        lora = self._lora(name)
+        if scale != lora.scale:
+            lora.scale = scale
+            self._refresh(lora.patches)
+
+    def unload_lora(self, name=None):
+        """Removes one LoRA, or all (None); the layers they changed get their original weights back."""
+        if name is not None:
+            self._lora(name)
+        keys = set()
+        for n in list(self.loras) if name is None else [name]:
+            keys |= self.loras.pop(n).patches.keys()
+        self._refresh(keys)
+
+    def _lora(self, name):
+        if name not in self.loras:
+            loaded = ", ".join(self.loras) or "none"
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+        return self.loras[name]
+
+    def _refresh(self, keys):
+        """Recomputes the given (component, path) layers from their originals and the LoRAs now loaded."""
+        for component, path in sorted(keys):
+            attached = self._attached.get(component)
+            module = attached.ref() if attached is not None else None
+            if module is not None:
+                active = [
+                    (lora.scale, lora.patches[(component, path)])
+                    for lora in self.loras.values()
+                    if (component, path) in lora.patches and lora.scale != 0
+                ]
+                mx.eval(_refresh_layer(module, path, attached, active))
+
+    # --- embeddings -----------------------------------------------------------------------------
+
+    def load_embedding(self, path, token=None):
+        """Reads a textual-inversion embedding; its token (default: the stored one, else the file name) used as a
+        word in a prompt inserts its vectors. Loading a token again replaces its embedding."""
+        embedding = read_embedding(path, token)
+        vectors = self._embedding_vectors(embedding)
+        self.embeddings.pop(embedding.token, None)
+        embedding.vectors = vectors
+        self.embeddings[embedding.token] = embedding
+        self._apply_embeddings()
+        return embedding.token
+
+    def unload_embedding(self, token=None):
+        """Removes one embedding by its token, or all (None)."""
+        if token is not None and token not in self.embeddings:
+            raise ValueError(f"no embedding {token!r} is loaded (loaded: {', '.join(self.embeddings) or 'none'})")
+        for t in list(self.embeddings) if token is None else [token]:
+            del self.embeddings[t]
+        self._apply_embeddings()
+
+    def _embedding_vectors(self, embedding):
+        """The embedding's vectors by text encoder of this model; ModelLoadError when it is for another model."""
+        file, encoders = embedding.path.name, [e for e in TEXT_ENCODERS if e in self._text]
+        if len(encoders) == 2 and "" in embedding.vectors:
+            raise ModelLoadError(f"{file} is an embedding for one text encoder; SDXL needs clip_l and clip_g vectors")
+        if len(encoders) == 1 and "" not in embedding.vectors:
+            raise ModelLoadError(f"{file} is an SDXL embedding (clip_l + clip_g); this model has one text encoder")
+        vectors = dict(
+            zip(
+                encoders,
+                embedding.vectors.values() if len(encoders) == 1 else [embedding.vectors[k] for k in SDXL_KEYS],
+            )
+        )
+        for encoder, v in vectors.items():
+            width = self._text[encoder].hidden_size
+            if v.shape[1] != width:
+                guess = {768: " (SD 1.x)", 1024: " (SD 2.x)"}.get(v.shape[1], "")
+                raise ModelLoadError(
+                    f"{file} has {v.shape[1]}-wide vectors{guess}; this model's {encoder} takes {width}"
+                )
+        return vectors
+
+    def _apply_embeddings(self):
+        """Gives each tokenizer the embeddings' words and ids (after the vocabulary), each encoder their vectors."""
+        for encoder, info in self._text.items():
+            ids, offset = {}, info.vocab_size
+            for token, embedding in self.embeddings.items():
+                ids[token] = list(range(offset, offset + embedding.length))
+                offset += embedding.length
+            if encoder in self._tokenizers:
+                self._tokenizers[encoder].set_embedding_tokens(ids)
+            attached = self._attached.get(encoder)
+            module = attached.ref() if attached is not None else None
+            if module is not None:
+                vectors = [e.vectors[encoder] for e in self.embeddings.values()]
+                extra = mx.concatenate(vectors).astype(info.dtype) if vectors else None
+                module.text_model.embeddings.set_extra(extra)
+
+
+def resolve(lora, tables, family=None):
+    """{(component, module path): Patch} of a read LoRA file, checked against the layer tables of a model of
+    `family`: every layer of the file must land on a layer of the right shape (ModelLoadError otherwise)."""
+    file = lora.path.name
+    guessed = guess_family(lora)
+    if guessed and family and guessed != family:
+        raise ModelLoadError(f"{file} is an {FAMILY_NAMES[guessed]} LoRA; this model is {FAMILY_NAMES[family]}")
+    names = {c: module_names(c, table) for c, table in tables.items()}
+    patches, unmatched = {}, []
+    for key, patch in lora.patches.items():
+        found = target(key, lora.layout, names)
+        if found is None:
+            unmatched.append(key)
+        elif found in patches:
+            raise ModelLoadError(f"{file}: {key} and {patches[found].key} both change {'.'.join(found)}")
+        else:
+            _check_fit(file, key, patch, found, tables[found[0]][found[1]])
+            patches[found] = patch
+    if unmatched:
+        hint = f" (it looks like an {FAMILY_NAMES[guessed]} LoRA)" if guessed else ""
+        raise ModelLoadError(
+            f"{file}: {len(unmatched)} of its {len(lora.patches)} layers match no layer of the "
+            f"{FAMILY_NAMES.get(family, 'given')} model{hint}: {', '.join(sorted(unmatched)[:MAX_EXAMPLES])}"
+        )
+    return patches
+
+
+def _check_fit(file, key, patch, found, layer):
+    shape, out, inner = patch.shape2d, layer.shape[0], math.prod(layer.shape[1:])
+    if shape is not None and shape != (out, inner):
+        raise ModelLoadError(
+            f"{file}: {key} changes a weight of {shape[0]} x {shape[1]}, but {'.'.join(found)} is "
+            f"{' x '.join(map(str, layer.shape))} (a LoRA for another model?)"
+        )
+    if "diff_b" in patch.w and (not layer.bias or patch.w["diff_b"].size != out):
+        raise ModelLoadError(f"{file}: {key} changes a bias of {patch.w['diff_b'].size}; {'.'.join(found)} has none")
+
+
+def _refresh_layer(module, path, attached, active):
+    """Sets one layer to its original plus the active (scale, patch) changes; returns the arrays to evaluate."""
+    layer = attached.table[path]
+    current = _module(module, path)
+    base = current.base if isinstance(current, LoRABranch) else current
+    biases = [s * p.bias() for s, p in active if p.bias() is not None]
+    out = [_merge(attached.originals, f"{path}.bias", base, "bias", biases)]
+    if layer.quantized:
+        branch = _branch(base, layer, active)
+        _set_module(module, path, branch or base)
+        if branch is not None:
+            out += [branch._down, branch._up, branch._dense]
+    else:
+        deltas = [s * to_layer_layout(p.delta2d(), layer) for s, p in active if p.shape2d is not None]
+        out.append(_merge(attached.originals, f"{path}.weight", base, "weight", deltas))
+    return [a for a in out if a is not None]
+
+
+def bake_loras(components, loras, family=None):
+    """Merges LoRA files [(path, scale)] for good into the float models {component name: module} (`mlx-sd convert
+    --lora`, before quantizing); no original weights are kept."""
+    tables = {name: layer_table(module) for name, module in components.items()}
+    for path, scale in loras:
+        scale = check_scale(scale)
+        for (component, layer_path), patch in resolve(read_lora(path), tables, family).items():
+            layer = tables[component][layer_path]
+            if layer.quantized:
+                raise ValueError(f"cannot bake a LoRA into the quantized layer {component}.{layer_path}: bake first")
+            base = _module(components[component], layer_path)
+            if patch.bias() is not None:
+                _merge({}, "bias", base, "bias", [scale * patch.bias()])
+            if patch.shape2d is not None:
+                _merge({}, "weight", base, "weight", [scale * to_layer_layout(patch.delta2d(), layer)])
+            mx.eval(base.parameters())
