@@ -18,6 +18,7 @@ import mlx.nn as nn
 from .embeddings import SDXL_KEYS, read_embedding
 from .lora_formats import FAMILY_NAMES, MAX_EXAMPLES, guess_family, module_names, read_lora, target
 from .quantize import QuantizedConv2d
+from .tokenizer import normalize
 from .weights import ModelLoadError
 
 MAX_SCALE = 10.0
@@ -271,7 +272,8 @@ class Adapters:
         word in a prompt inserts its vectors. Loading a token again replaces its embedding."""
         embedding = read_embedding(path, token)
         vectors = self._embedding_vectors(embedding)
-        self.embeddings.pop(embedding.token, None)
+        for token in [t for t in self.embeddings if normalize(t) == normalize(embedding.token)]:
+            del self.embeddings[token]  # prompts match tokens in any case
         embedding.vectors = vectors
         self.embeddings[embedding.token] = embedding
         self._apply_embeddings()
