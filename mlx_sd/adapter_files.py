@@ -14,15 +14,8 @@ from pathlib import Path
 
 from .embeddings import describe_embedding, read_embedding
 from .lora import check_scale
-from .lora_formats import (
-    FAMILY_NAMES,
-    KOHYA_PREFIXES,
-    PEFT_PREFIXES,
-    SUFFIXES,
-    guess_family,
-    read_lora,
-    read_safetensors_file,
-)
+from .lora_formats import SUFFIXES, read_lora, read_safetensors_file
+from .lora_keys import FAMILY_NAMES, KOHYA_PREFIXES, PEFT_PREFIXES, guess_family
 from .weights import ModelLoadError, is_pickle
 
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>")  # A1111's `<lora:NAME>`, `<lora:NAME:WEIGHT>` (lyco: an alias)

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .embeddings import SDXL_KEYS, read_embedding
-from .lora_formats import FAMILY_NAMES, MAX_EXAMPLES, guess_family, module_names, read_lora, target
+from .lora_formats import MAX_EXAMPLES, read_lora
+from .lora_keys import FAMILY_NAMES, guess_family, module_names, target
 from .quantize import QuantizedConv2d
 from .tokenizer import normalize
 from .weights import ModelLoadError

@@ -21,7 +21,7 @@ from helpers import SD15, SDXL, assert_images_close, make_pipeline, real_config,
 from mlx_sd import StableDiffusion
 from mlx_sd.adapter_files import describe_adapter, embedding_hash, extract_lora_tags, find_lora, lora_hash
 from mlx_sd.lora import LoRABranch, bake_loras, layer_table
-from mlx_sd.lora_formats import _ldm_unet_paths
+from mlx_sd.lora_keys import ldm_unet_paths
 from mlx_sd.quantize import QuantizedConv2d, quantize_model
 from mlx_sd.single_file import _unet
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig
@@ -94,7 +94,7 @@ def kohya_file(path, reference, rank=4, alpha=2.0, strength=0.6, seed=0, ldm=Fal
     gen = torch.Generator().manual_seed(seed)
     layers = [("lora_unet_", n, m) for n, m in unet_layers(reference.unet, convs)] if unet else []
     if ldm:
-        ldm_names = _ldm_unet_paths([n for _, n, _ in layers])
+        ldm_names = ldm_unet_paths([n for _, n, _ in layers])
         layers = [(p, ldm_names[n], m) for p, n, m in layers]
     if text:
         two = hasattr(reference, "text_encoder_2")
@@ -628,7 +628,7 @@ def test_ldm_block_names_invert_single_file_mapping(model):
     checkpoint loader) maps back, for every layer of the real UNets."""
     unet = UNet2DConditionModel(UNetConfig.from_dict(real_config(model, "unet")))  # lazy: no weights evaluated
     paths = list(layer_table(unet))
-    ldm = _ldm_unet_paths(paths)
+    ldm = ldm_unet_paths(paths)
     assert len(ldm) == len(paths)
     family = "sdxl" if model == SDXL else "sd1"
     renamed, unknown = _unet({f"{ldm[p]}.weight": p for p in paths}, family)
