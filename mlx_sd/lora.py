@@ -63,6 +63,14 @@ def to_layer_layout(w, layer):
     return w.reshape(w.shape[0], i, kh, kw).transpose(0, 2, 3, 1)
 
 
+def _inner_shape(layer):
+    """A layer weight's shape after the output axis, in our layout: (in,) or (kh, kw, in)."""
+    if not layer.conv:
+        return layer.shape[1:]
+    _, i, kh, kw = layer.shape
+    return (kh, kw, i)
+
+
 class LoRABranch(nn.Module):
     """A quantized layer with weight changes beside it: y = base(x) + (down(x) @ up.T) + dense(x).
 
@@ -90,18 +98,42 @@ class LoRABranch(nn.Module):
         return y
 
 
+def weight_terms(active, layer):
+    """The weight changes of (scale, patch) pairs in our layout, float32, scales folded in: low-rank [(up (out, r),
+    down (r, in * kh * kw))] and dense [(out, in * kh * kw)]. Only the small down factor is transposed."""
+    low, dense = [], []
+    for scale, patch in active:
+        factors = patch.factors
+        if factors is not None:
+            up, down = factors
+            low.append((scale * up, to_layer_layout(down, layer).reshape(down.shape[0], -1).astype(mx.float32)))
+        elif patch.shape2d is not None:
+            dense.append(scale * to_layer_layout(patch.delta2d(), layer).reshape(layer.shape[0], -1))
+    return low, dense
+
+
+def merged_weight(original, low, dense):
+    """original + sum(up @ down) + sum(dense), computed in float32 (one addmm per low-rank change)."""
+    w = original.reshape(original.shape[0], -1)
+    w = w if w.dtype == mx.float32 else w.astype(mx.float32)
+    for up, down in low:
+        w = mx.addmm(w, up, down)
+    for d in dense:
+        w = w + d
+    return w.reshape(original.shape).astype(original.dtype)
+
+
 def _branch(base, layer, active):
     """A LoRABranch for the (scale, patch) pairs with a weight change, or None if there is none."""
-    dtype = base.scales.dtype
-    low = [(s, p.factors) for s, p in active if p.factors is not None]
-    dense = [s * p.delta2d() for s, p in active if p.factors is None and p.shape2d is not None]
+    low, dense = weight_terms(active, layer)
     if not low and not dense:
         return None
+    dtype, shape = base.scales.dtype, (-1, *_inner_shape(layer))
     down = up = None
     if low:
-        up = mx.concatenate([s * u for s, (u, _) in low], axis=1).astype(dtype)  # (out, R)
-        down = to_layer_layout(mx.concatenate([d for _, (_, d) in low], axis=0), layer).astype(dtype)
-    dense = to_layer_layout(sum(dense), layer).astype(dtype) if dense else None
+        up = mx.concatenate([u for u, _ in low], axis=1).astype(dtype)  # (out, R)
+        down = mx.concatenate([d for _, d in low], axis=0).reshape(shape).astype(dtype)  # (R, in) or (R, kh, kw, in)
+    dense = sum(dense).reshape(shape).astype(dtype) if dense else None
     return LoRABranch(base, down, up, dense)
 
 
@@ -120,19 +152,25 @@ def _set_module(root, path, module):
         setattr(parent, last, module)
 
 
-def _merge(originals, key, layer, param, deltas):
-    """Sets layer.param to its original plus the sum of deltas (float32), or back to the original when none."""
+def _set_param(originals, key, module, param, merge):
+    """module.param = merge(its original), keeping the original in `originals[key]`; merge None puts the original
+    back. Returns the new array (to evaluate) or None."""
     original = originals.get(key)
-    if original is None:
-        if not deltas:
-            return None
-        original = originals[key] = getattr(layer, param)
-    if not deltas:
-        setattr(layer, param, originals.pop(key))
+    if merge is None:
+        if original is not None:
+            setattr(module, param, originals.pop(key))
         return None
-    merged = (original.astype(mx.float32) + sum(deltas)).astype(original.dtype)
-    setattr(layer, param, merged)
-    return merged
+    if original is None:
+        original = originals[key] = getattr(module, param)
+    value = merge(original)
+    setattr(module, param, value)
+    return value
+
+
+def _bias_merge(biases):
+    if not biases:
+        return None
+    return lambda b: (b.astype(mx.float32) + sum(biases)).astype(b.dtype)
 
 
 def check_scale(scale):
@@ -370,16 +408,17 @@ def _refresh_layer(module, path, attached, active):
     layer = attached.table[path]
     current = _module(module, path)
     base = current.base if isinstance(current, LoRABranch) else current
-    biases = [s * p.bias() for s, p in active if p.bias() is not None]
-    out = [_merge(attached.originals, f"{path}.bias", base, "bias", biases)]
+    biases = _bias_merge([s * p.bias() for s, p in active if p.bias() is not None])
+    out = [_set_param(attached.originals, f"{path}.bias", base, "bias", biases)]
     if layer.quantized:
         branch = _branch(base, layer, active)
         _set_module(module, path, branch or base)
         if branch is not None:
             out += [branch._down, branch._up, branch._dense]
     else:
-        deltas = [s * to_layer_layout(p.delta2d(), layer) for s, p in active if p.shape2d is not None]
-        out.append(_merge(attached.originals, f"{path}.weight", base, "weight", deltas))
+        low, dense = weight_terms(active, layer)
+        merge = partial(merged_weight, low=low, dense=dense) if low or dense else None
+        out.append(_set_param(attached.originals, f"{path}.weight", base, "weight", merge))
     return [a for a in out if a is not None]
 
 
@@ -395,7 +434,8 @@ def bake_loras(components, loras, family=None):
                 raise ValueError(f"cannot bake a LoRA into the quantized layer {component}.{layer_path}: bake first")
             base = _module(components[component], layer_path)
             if patch.bias() is not None:
-                _merge({}, "bias", base, "bias", [scale * patch.bias()])
-            if patch.shape2d is not None:
-                _merge({}, "weight", base, "weight", [scale * to_layer_layout(patch.delta2d(), layer)])
+                _set_param({}, "bias", base, "bias", _bias_merge([scale * patch.bias()]))
+            low, dense = weight_terms([(scale, patch)], layer)
+            if low or dense:
+                _set_param({}, "weight", base, "weight", partial(merged_weight, low=low, dense=dense))
             mx.eval(base.parameters())

@@ -162,7 +162,9 @@ def _kind(key, roles):
     for kind, (required, optional) in KINDS.items():
         if roles and required <= roles <= required | optional and _complete(kind, roles):
             return kind
-    raise ModelLoadError(f"incomplete or unknown LoRA layer {key}: it has {', '.join(sorted(roles))}")
+    raise ModelLoadError(
+        f"incomplete or unknown LoRA layer {key}: it has {', '.join(sorted(roles)) or 'only an alpha'}"
+    )
 
 
 def _complete(kind, roles):

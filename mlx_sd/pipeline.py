@@ -456,6 +456,8 @@ class StableDiffusion:
     @property
     def adapters(self):
         """The pipeline's LoRAs and embeddings, created on first use (reading the text encoders back if freed)."""
+        if self.unet is None:
+            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
         if self._adapters is None:
             self._ensure_text_encoders()
             self._adapters = Adapters(self.family)

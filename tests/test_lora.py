@@ -8,6 +8,7 @@ the reference formulas. Scale changes and unloading must give back bit-identical
 
 import copy
 import hashlib
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -633,3 +634,24 @@ def test_ldm_block_names_invert_single_file_mapping(model):
     family = "sdxl" if model == SDXL else "sd1"
     renamed, unknown = _unet({f"{ldm[p]}.weight": p for p in paths}, family)
     assert unknown == [] and all(renamed[f"{p}.weight"] == p for p in paths)
+
+
+def test_peft_adapter_metadata_sets_alpha(pipelines, tmp_path):
+    """diffusers writes the PEFT LoraConfig (r, lora_alpha, alpha_pattern) into the file's metadata: scale alpha / r."""
+    reference, ours = pipelines("sd1")
+    path = peft_file(tmp_path / "meta.safetensors", reference, text=False, strength=0.3)
+    tensors = mx.load(str(path))
+    targets = sorted({k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in tensors})
+    attn1 = [t for t in targets if t.endswith("attn1.to_q")][0]
+    config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {f"^{attn1}": 2}, "target_modules": targets}
+    metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})}
+    mx.save_safetensors(str(path), tensors, metadata=metadata)
+    reference.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="meta")
+    ours.load_lora(path)
+    try:
+        assert_images_close(*run(reference, ours))
+        patches = ours.adapters.loras["meta"].patches
+        assert patches[("unet", attn1)].scale == 0.5 and {p.scale for p in patches.values()} == {0.5, 2.0}
+    finally:
+        reference.unload_lora_weights()
+        ours.unload_lora()
