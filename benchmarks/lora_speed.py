@@ -13,7 +13,10 @@ feed-forward, projections, resnet convolutions and time projections, samplers. R
 - seconds per UNet call (--batch: 2 as with guidance, 1 as a low_memory half-step; --latent x --latent latents) on
   the 8-bit UNet without and with the branch, in alternating rounds (the scale is set to 0 and back, which removes
   and rebuilds the branches). MLX's CPU backend runs quantized matrix products slowly: at 64 x 64 latents one 8-bit
-  call takes minutes there.
+  call takes minutes there, and on a shared machine the branch's cost drowns in the noise;
+- with --layers instead: one 8-bit layer alone and with a rank-r branch, on the activations of a 512-px SD 1.5
+  step (batch 2), in many alternating rounds: a Linear d -> d (the attention projections) at each UNet level and a
+  3x3 QuantizedConv2d at the first level.
 """
 
 import argparse
@@ -24,10 +27,11 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from mlx_sd.lora import Adapters, layer_table
-from mlx_sd.quantize import quantize_model
+from mlx_sd.lora import Adapters, LoRABranch, layer_table
+from mlx_sd.quantize import QuantizedConv2d, quantize_model
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig
 
 CONFIGS = Path(__file__).parent.parent / "tests" / "configs"
@@ -74,7 +78,10 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="batch of the timed UNet calls")
     parser.add_argument("--q-convs", action="store_true", help="quantize the convolutions too (convert --q-convs)")
     parser.add_argument("--no-step", action="store_true", help="skip the UNet call timings")
+    parser.add_argument("--layers", action="store_true", help="time single 8-bit layers with and without a branch")
     args = parser.parse_args()
+    if args.layers:
+        return time_layers(args.rank, max(args.rounds, 10))
 
     config = json.loads((CONFIGS / args.model / "unet" / "config.json").read_text())
     unet = UNet2DConditionModel(UNetConfig.from_dict(config))
@@ -125,6 +132,39 @@ def time_steps(unet, adapters, path, config, args):
     base, branch = statistics.median(times[0.0]), statistics.median(times[1.0])
     print(f"UNet call, batch {args.batch}, {args.latent}x{args.latent} latents, 8-bit: {base:.2f} s without, ", end="")
     print(f"{branch:.2f} s with the branch: +{branch - base:.2f} s ({100 * (branch / base - 1):+.1f}%)")
+
+
+def time_layers(rank, rounds):
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return mx.array(rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1]))
+
+    cases = [
+        (
+            f"Linear {d} -> {d}, {n} tokens",
+            nn.QuantizedLinear.from_linear(nn.Linear(d, d, bias=False), 64, 8),
+            rand(2, n, d),
+            rand(rank, d),
+        )
+        for n, d in ((4096, 320), (1024, 640), (256, 1280), (64, 1280))
+    ]
+    conv = QuantizedConv2d(nn.Conv2d(320, 320, 3, padding=1), 64, 8)
+    cases.append(("3x3 conv 320 -> 320, 64 x 64", conv, rand(2, 64, 64, 320), rand(rank, 3, 3, 320)))
+    for name, layer, x, down in cases:
+        branch = LoRABranch(layer, down, rand(layer(x).shape[-1], rank), None)
+        times = {"alone": [], "branch": []}
+        for _ in range(rounds):
+            for key, module in (("alone", layer), ("branch", branch)):
+                tic = time.perf_counter()
+                mx.eval(module(x))
+                times[key].append(time.perf_counter() - tic)
+        alone, branched = statistics.median(times["alone"][1:]), statistics.median(times["branch"][1:])
+        print(
+            f"8-bit {name}: {1000 * alone:.1f} ms alone, {1000 * branched:.1f} ms with a rank-{rank} branch "
+            f"({100 * (branched / alone - 1):+.1f}%)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
