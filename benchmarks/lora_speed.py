@@ -30,7 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sd.lora import Adapters, LoRABranch, layer_table
+from mlx_sd.lora import Adapters
+from mlx_sd.lora_layers import LoRABranch, layer_table
 from mlx_sd.quantize import QuantizedConv2d, quantize_model
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig
 

@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from helpers import SD15, SDXL, assert_images_close, make_pipeline, real_config, run_both
 from mlx_sd import StableDiffusion
 from mlx_sd.adapter_files import describe_adapter, embedding_hash, extract_lora_tags, find_lora, lora_hash
-from mlx_sd.lora import LoRABranch, bake_loras, layer_table
+from mlx_sd.lora import bake_loras
 from mlx_sd.lora_keys import ldm_unet_paths
+from mlx_sd.lora_layers import LoRABranch, layer_table
 from mlx_sd.quantize import QuantizedConv2d, quantize_model
 from mlx_sd.single_file import _unet
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig
