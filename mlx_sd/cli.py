@@ -6,12 +6,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
+from .adapter_files import DEFAULT_EMBEDDINGS_DIR, DEFAULT_LORA_DIR, embeddings_in_prompts
 from .controlnet import pair_control_options
 from .convert import convert_command
 from .hub import DEFAULT_MODEL
+from .lora import parse_lora_option
 from .outputs import output_paths
 from .pipeline import DTYPES
 from .png import read_png_parameters, save_png
@@ -76,6 +79,11 @@ def cli():
 @click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
 @click.option("--mask-blur", type=float, help="Blur radius of the mask, in pixels (default 0).")
 @click.option("--clip-skip", type=int, help="CLIP layer to use, A1111 numbering (1 = last).")
+@click.option("--lora", "loras", multiple=True, help="PATH[:SCALE]: a LoRA file at a scale (default 1; repeatable).")
+@click.option("--embedding", "embeddings", multiple=True, help="A textual-inversion embedding file (repeatable).")
+@click.option("--lora-dir", default=DEFAULT_LORA_DIR, show_default=True, help="Where <lora:NAME:W> tags find NAME.")
+@click.option("--embeddings-dir", default=DEFAULT_EMBEDDINGS_DIR, show_default=True,
+              help="Embeddings NAME.safetensors used when NAME is a word of the prompts.")  # fmt: skip
 @click.option("--controlnet", "controlnets", multiple=True, help="A ControlNet (folder, Hub id, .safetensors).")
 @click.option("--control-image", "control_images", multiple=True, type=click.Path(dir_okay=False),
               help="Its control image (one per --controlnet, in order).")  # fmt: skip
@@ -100,7 +108,7 @@ def generate(prompt, model, num_images, batch_size, dtype, quantize, variant, lo
              preview, from_png, quiet, verbose, **options):  # fmt: skip
     """Generate images from PROMPT."""
     try:
-        controls = _control_options(options)
+        controls, adapters = _control_options(options), _adapter_options(options)
         settings, model = _generation_settings(prompt, model, from_png, options)
         check_int("-n/--num-images", num_images, 1, MAX_IMAGES)
         check_int("--batch-size", batch_size, 1, MAX_IMAGES)
@@ -110,7 +118,7 @@ def generate(prompt, model, num_images, batch_size, dtype, quantize, variant, lo
     seeds = [image_seed(seed, i) for i in range(num_images)]
     paths = output_paths(output, seeds[:1] if grid else seeds, overwrite)
     run = Run(settings.replace(seed=seed), paths, Progress(not quiet and sys.stderr.isatty(), num_images), grid,
-              preview, verbose, overwrite, controls)  # fmt: skip
+              preview, verbose, overwrite, controls, adapters)  # fmt: skip
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         loading = dict(
@@ -132,6 +140,25 @@ def _control_options(options):
     thresholds, guess_mode = (options.pop("canny_low"), options.pop("canny_high")), options.pop("guess_mode")
     return pair_control_options(models, images, scales, starts, ends, preprocess, thresholds=thresholds,
                                 guess_mode=guess_mode)  # fmt: skip
+
+
+def _adapter_options(options):
+    """The --lora (PATH[:SCALE], scale checked), --embedding, --lora-dir and --embeddings-dir options (taken out
+    of `options`)."""
+    loras = [parse_lora_option(option) for option in options.pop("loras")]
+    names = ("embeddings", "lora_dir", "embeddings_dir")
+    return dict(loras=loras, **{name: options.pop(name) for name in names})
+
+
+def _load_adapters(pipe, settings, loras, embeddings, lora_dir, embeddings_dir):
+    """Applies --lora and --embedding files, the embeddings of --embeddings-dir that the prompts name, and the
+    LoRA folder of prompt tags."""
+    pipe.lora_dir = Path(lora_dir).expanduser()
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+    named = embeddings_in_prompts(embeddings_dir, [settings.prompt, settings.negative_prompt or ""])
+    for path in [*embeddings, *named]:
+        pipe.load_textual_inversion(path)
 
 
 def _with_controlnets(settings, controls, dtype, quantize):
@@ -182,6 +209,7 @@ class Run:
     verbose: bool
     overwrite: bool
     controls: list  # ControlSpec arguments (controlnet.pair_control_options), the model a name until loaded
+    adapters: dict  # loras [(path, scale)], embeddings [path], lora_dir, embeddings_dir
     previews: list = field(default_factory=list)  # the preview's name, claimed by its first save
 
 
@@ -194,6 +222,7 @@ def _run(run, model, num_images, batch_size, loading):
         tic = time.perf_counter()
         pipe = StableDiffusion.from_pretrained(model, **loading)
         run.settings = _with_controlnets(run.settings, run.controls, pipe.dtype, loading["quantize"])
+        _load_adapters(pipe, run.settings, **run.adapters)
         if run.verbose:
             chosen = "" if loading["dtype"] else " (the default on this backend)"
             click.echo(f"{model}: {pipe.family}, dtype {DTYPE_NAMES[pipe.dtype]}{chosen}", err=True)

@@ -23,7 +23,7 @@ from .hub import resolve_model
 from .images import RESAMPLE, load_image
 from .quantize import QUANTIZE_BITS, quantize_model, rebuild_quantized
 from .single_file import _unet as ldm_unet_to_diffusers
-from .unet import DownBlock2D, TimestepEmbedding, UNetConfig, UNetMidBlock2DCrossAttn, timestep_embedding
+from .unet import TimestepEmbedding, UNetConfig, UNetMidBlock2DCrossAttn, down_blocks, timestep_embedding
 from .unet import sanitize as sanitize_unet
 from .weights import (
     MANIFEST,
@@ -135,7 +135,6 @@ class ControlNetModel(nn.Module):
         self.config = config
         channels = config.block_out_channels
         temb_channels = 4 * channels[0]
-        n = len(channels)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
         if config.addition_embed_type == "text_time":
@@ -143,17 +142,7 @@ class ControlNetModel(nn.Module):
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels
         )
-        self.down_blocks = [
-            DownBlock2D(
-                config,
-                i,
-                channels[max(i - 1, 0)],
-                temb_channels,
-                cross_attention=config.down_block_types[i] == "CrossAttnDownBlock2D",
-                add_downsample=i < n - 1,
-            )
-            for i in range(n)
-        ]
+        self.down_blocks = down_blocks(config, temb_channels)
         self.controlnet_down_blocks = [nn.Conv2d(c, c, kernel_size=1) for c in skip_channels(config)]
         self.mid_block = UNetMidBlock2DCrossAttn(config, temb_channels)
         self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], kernel_size=1)

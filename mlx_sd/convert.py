@@ -23,9 +23,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__
+from .adapter_files import lora_hash
 from .controlnet import controlnet_family, is_controlnet, open_controlnet
 from .hub import CONFIG_PATTERNS, resolve_model, resolve_variant
 from .loading import MODELS, PREDICTION_TYPES, bundled_config, load_component, model_family, single_file_components
+from .lora import bake_loras, parse_lora_option
 from .pipeline import DTYPES, PIPELINES
 from .quantize import QUANTIZE_BITS, QUANTIZE_GROUP_SIZES, quantize_model
 from .tokenizer import ASSETS as TOKENIZER_ASSETS
@@ -52,6 +54,7 @@ def convert(
     config=None,
     force=False,
     variant=None,
+    loras=(),
 ):
     """Converts `source` into the MLX model folder `output_dir`; returns its path.
 
@@ -61,7 +64,9 @@ def convert(
     text encoders and the UNet (and the VAE with quantize_vae), in groups of `q_group_size`: their Linear layers,
     and with quantize_convolutions the UNet's convolutions too (but conv_in and conv_out). variant: the source
     weights to read (hub.resolve_variant): by default fp16 files where a repo or folder has them and `dtype` is
-    float16 or bfloat16 (half the download), "none" for the full-precision files.
+    float16 or bfloat16 (half the download), "none" for the full-precision files. loras: [(path, scale)] LoRA
+    files merged into the float weights for good, before quantizing (the UNet and text encoders are then loaded
+    together).
 
     One component is converted at a time. Everything is written to a work folder next to `output_dir`
     (`.NAME.converting-PID-*`) and renamed at the end: a failed or interrupted conversion leaves nothing
@@ -72,6 +77,8 @@ def convert(
     """
     _check_arguments(dtype, quantize, q_group_size, quantize_vae or quantize_convolutions, prediction_type)
     if is_controlnet(source):
+        if loras:
+            raise ValueError(f"{source} is a ControlNet: LoRAs bake into Stable Diffusion models only")
         return convert_controlnet(
             source, output_dir, dtype, quantize, q_group_size, quantize_convolutions, config, force
         )
@@ -92,13 +99,16 @@ def convert(
             "convolutions": quantize_convolutions,
         }
         job.needed = lambda: _estimated_size(folder, components, checkpoint, DTYPES[dtype], chosen)
+        baked = _baked(folder, components, DTYPES[dtype], checkpoint, chosen, loras, family) if loras else {}
         for name in components:
             bits = quantize if name in quantized else None
             convolutions = quantize_convolutions and name == "unet"
             _convert_component(folder, name, job.work, DTYPES[dtype], bits, q_group_size, checkpoint, convolutions,
-                               chosen)  # fmt: skip
+                               chosen, baked.pop(name, None))  # fmt: skip
         _copy_configs(folder, job.work, index, prediction_type)
         manifest = _manifest(source, family, dtype, read_json(job.work / "scheduler" / "scheduler_config.json"))
+        if loras:  # what was baked in, with A1111's hashes
+            manifest["loras"] = [{"file": Path(p).name, "scale": s, "hash": lora_hash(p)} for p, s in loras]
         (job.work / MANIFEST).write_text(json.dumps({**manifest, "quantization": quantization}, indent=2) + "\n")
     return output
 
@@ -242,16 +252,29 @@ def _open_source(source, prediction_type, config, dtype, variant):
     return folder, None, model_family(folder)
 
 
-def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False, variant=None):
-    """Loads one component strictly, quantizes it if asked, and saves it in MLX layout; then it is freed."""
+def _load_component(folder, name, dtype, checkpoint, variant):
     try:
-        model = load_component(folder, name, dtype, checkpoint=checkpoint, variant=variant)
+        return load_component(folder, name, dtype, checkpoint=checkpoint, variant=variant)
     except ModelLoadError as e:
         if checkpoint is None:
             raise
         raise ModelLoadError(
             f"{e} (the configs in {folder} do not fit {checkpoint.name}; pass --config with its diffusers configs)"
         ) from None
+
+
+def _baked(folder, components, dtype, checkpoint, variant, loras, family):
+    """{component: model} of the UNet and text encoders with the LoRAs [(path, scale)] merged for good (all loaded
+    at once: a LoRA's keys span them)."""
+    models = {name: _load_component(folder, name, dtype, checkpoint, variant) for name in components if name != "vae"}
+    bake_loras(models, loras, family)
+    return models
+
+
+def _convert_component(folder, name, work, dtype, bits, group_size, checkpoint, convolutions=False, variant=None,
+                       model=None):  # fmt: skip
+    """Loads one component strictly (or takes `model`), quantizes it if asked, and saves it in MLX layout."""
+    model = model or _load_component(folder, name, dtype, checkpoint, variant)
     config = read_json(folder / name / "config.json")
     if bits:
         config["quantization"] = quantize_model(model, bits, group_size, convolutions)
@@ -464,6 +487,7 @@ def _folder_size(folder):
     help="Source weights: fp16 (the default for float16/bfloat16 where the repo or folder has *.fp16.safetensors: "
     "half the download) or none (full precision).",
 )
+@click.option("--lora", "loras", multiple=True, help="PATH[:SCALE]: a LoRA baked into the weights (repeatable).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is empty or a folder mlx-sd convert wrote.")
 def convert_command(
     source,
@@ -477,6 +501,7 @@ def convert_command(
     prediction_type,
     config,
     variant,
+    loras,
     force,
 ):
     """Convert SOURCE (Hub repo id, diffusers folder or single-file .safetensors) into the MLX model OUTPUT_DIR."""
@@ -498,6 +523,7 @@ def convert_command(
                 config=config,
                 force=force,
                 variant=variant,
+                loras=[parse_lora_option(option) for option in loras],
             )
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM / SIGHUP through mlx_sd.cli.main
         click.echo("\ninterrupted; nothing was written", err=True)

@@ -50,13 +50,18 @@ def _describe_png(path):
 
 
 def _describe_single_file(path):
+    """A single-file checkpoint (SD or ControlNet), else a LoRA or textual-inversion embedding, else unrecognised."""
+    from .adapter_files import describe_adapter
     from .single_file import detect_family
 
     tensors = safetensors_header(path)
     try:
         family = detect_family(tensors)
     except ValueError as e:
-        family = f"unrecognised ({e})"
+        try:
+            return [f"{path}:", *(f"  {line}" for line in describe_adapter(path))]
+        except (ModelLoadError, ValueError):
+            family = f"unrecognised ({e})"
     return [
         f"{path}: single-file checkpoint (original layout), family {family}",
         f"  {_count(tensors)} parameters, {_dtypes(tensors)}, {_size(path)}",

@@ -6,6 +6,7 @@ yields a `Step` after each sampler step and the images at the end (stopping the 
 collects the images.
 """
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -14,14 +15,17 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .adapter_files import embedding_hash, extract_lora_tags, find_lora, lora_hash
 from .controlnet import control_residuals, prepare_controls
 from .hub import resolve_variant
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
+from .lora import Adapters
 from .prompts import apply_weights, chunk_prompt, count_chunks, pad_chunks
 from .schedulers import default_sampler, make_scheduler
-from .settings import FIELDS, GenerationSettings, ModelLimits, image_seed
+from .settings import FIELDS, GenerationSettings, ModelLimits, SettingsError, image_seed
 from .thread_exit import clear_mlx_state_at_thread_exit
+from .tokenizer import normalize
 from .vae import should_tile
 from .weights import ModelLoadError, read_json
 
@@ -69,18 +73,20 @@ class Images(list):
     `timings`: seconds per phase; `peak_memory`: the peak bytes MLX held during the generation.
     """
 
-    def __init__(self, images, settings, model_name, timings, peak_memory):
+    def __init__(self, images, settings, model_name, timings, peak_memory, infotext_extra=()):
         super().__init__(images)
         self.seed = settings.seed
         self.settings = settings
         self.model_name = model_name
-        self.parameters = settings.to_infotext(model_name)
+        self.infotext_extra = list(infotext_extra)  # the pipeline's own entries (Lora hashes, TI hashes)
+        self.parameters = settings.to_infotext(model_name, self.infotext_extra)
         self.timings = timings
         self.peak_memory = peak_memory
 
     def infotext(self, index):
         """The A1111 infotext of image `index` (its own seed)."""
-        return self.settings.replace(seed=image_seed(self.seed, index)).to_infotext(self.model_name)
+        settings = self.settings.replace(seed=image_seed(self.seed, index))
+        return settings.to_infotext(self.model_name, self.infotext_extra)
 
 
 @dataclass
@@ -145,6 +151,9 @@ class StableDiffusion:
         self.defaults = _defaults(self.unet.config, scheduler_config, self.vae_scale_factor)
         self.clip_layers = min(getattr(self, e).config.num_hidden_layers for _, e in self.text_encoders)
         self.low_memory = False
+        self.lora_dir = None  # the folder of NAME.safetensors files that <lora:NAME:WEIGHT> prompt tags apply
+        self._adapters = None  # mlx_sd.lora.Adapters, made on first use
+        self._tag_loras = set()  # the LoRAs loaded for prompt tags (the others are the user's)
         self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to reload text encoders
 
     @property
@@ -162,7 +171,7 @@ class StableDiffusion:
         """Frees every model's weights; the pipeline cannot generate afterwards."""
         for name in self.models:
             setattr(self, name, None)
-        self._source = None
+        self._source = self._adapters = None
         mx.clear_cache()
 
     def free_text_encoders(self):
@@ -177,6 +186,7 @@ class StableDiffusion:
         if self._source is None:
             raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
         self._load_text_encoders(*self._source)
+        self.attach_adapters()
 
     def _load_text_encoders(self, folder, checkpoint, quantize, variant):
         for tokenizer, encoder in self.text_encoders:
@@ -378,7 +388,8 @@ class StableDiffusion:
         tic = time.perf_counter()
         images = to_pil(self.decode(latents, self.low_memory if s.tiled_decode is None else s.tiled_decode))
         timings["vae"] = time.perf_counter() - tic
-        yield Step(total, total, latents, Images(images, s, self.name, timings, mx.get_peak_memory()))
+        images = Images(images, s, self.name, timings, mx.get_peak_memory(), self.adapter_infotext(s))
+        yield Step(total, total, latents, images)
 
     def prepare(self, prompt=None, **settings):
         """A Job: the settings resolved and checked for this model, the starting latents and the conditioning."""
@@ -413,9 +424,9 @@ class StableDiffusion:
             mx.eval(latents)
             timings["vae_encode"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        n = s.num_images
+        n, prompt = s.num_images, self.apply_prompt_loras(s.prompt)  # the infotext keeps the tags, as A1111's
         conditioning = self.encode_prompt(
-            [s.prompt] * n, [s.negative_prompt] * n, s.guidance_scale, s.clip_skip, s.truncate_prompt
+            [prompt] * n, [s.negative_prompt] * n, s.guidance_scale, s.clip_skip, s.truncate_prompt
         )
         conditioning = self.add_size_conditioning(conditioning, s)
         mx.eval(conditioning.embeds, conditioning.extra)
@@ -480,6 +491,96 @@ class StableDiffusion:
         tiled = self.low_memory if settings.tiled_decode is None else settings.tiled_decode
         decoded = min(pixels, 512 * 512) if tiled else pixels * settings.num_images
         return weights + max(step, decoded * 2048)  # the decoder: about 2 KB per output pixel at least
+
+    # --- LoRAs and textual-inversion embeddings (mlx_sd.lora.Adapters) ----------------------------
+
+    @property
+    def adapters(self):
+        """The pipeline's LoRAs and embeddings, created on first use (reading the text encoders back if freed)."""
+        if self.unet is None:
+            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+        if self._adapters is None:
+            self._ensure_text_encoders()
+            self._adapters = Adapters(self.family)
+            self.attach_adapters()
+        return self._adapters
+
+    def attach_adapters(self):
+        """Applies the LoRAs and embeddings to the components in memory; call it after (re)loading a component."""
+        if self._adapters is None:
+            return
+        for name in self.models:
+            if name != "vae" and getattr(self, name) is not None:  # LoRAs apply to the UNet and text encoders
+                self._adapters.attach(name, getattr(self, name))
+        for tokenizer, encoder in self.text_encoders:
+            self._adapters.attach_tokenizer(encoder, getattr(self, tokenizer))
+
+    def load_lora(self, path, scale=1.0, name=None):
+        """Applies a LoRA file (Kohya / A1111, diffusers / PEFT, LyCORIS LoHa / LoKr; .safetensors) at `scale`;
+        returns its name (default: the file name without suffix). Float layers get the change merged into their
+        weights, quantized layers a low-rank branch; unloading restores the original weights exactly."""
+        return self.adapters.load_lora(path, scale, name)
+
+    def set_lora_scale(self, name, scale):
+        """Changes a loaded LoRA's scale (finite, |scale| <= 10; 0 turns it off); the model is not reloaded."""
+        self.adapters.set_scale(name, scale)
+
+    def unload_lora(self, name=None):
+        """Removes the LoRA `name`, or all of them (None)."""
+        self.adapters.unload_lora(name)
+
+    @property
+    def loras(self):
+        """The loaded LoRAs: name -> scale."""
+        return {} if self._adapters is None else self._adapters.scales
+
+    def load_textual_inversion(self, path, token=None):
+        """Loads a textual-inversion embedding (A1111, diffusers or SDXL .safetensors); returns its token, which
+        used as a word in a prompt inserts its vectors (default: the stored token, else the file name)."""
+        return self.adapters.load_embedding(path, token)
+
+    def apply_prompt_loras(self, prompt):
+        """The prompt without its A1111 `<lora:NAME:WEIGHT>` tags, once the LoRAs loaded for tags are exactly this
+        prompt's: NAME.safetensors in `self.lora_dir` at WEIGHT (loaded, rescaled or unloaded; LoRAs loaded with
+        load_lora are left alone)."""
+        text, tags = extract_lora_tags(prompt)
+        if not tags and not self._tag_loras:
+            return text
+        if tags and self.lora_dir is None:
+            raise SettingsError(
+                "the prompt has <lora:...> tags: give the folder of the LoRA files (lora_dir, --lora-dir)"
+            )
+        wanted = dict(tags)
+        for name in wanted.keys() & (self.loras.keys() - self._tag_loras):
+            raise SettingsError(f"the LoRA {name!r} is already loaded (load_lora / --lora): leave out its tag")
+        for name in self._tag_loras - wanted.keys():
+            self.unload_lora(name)
+            self._tag_loras.discard(name)
+        for name, scale in wanted.items():
+            if name not in self._tag_loras:
+                self.load_lora(find_lora(name, self.lora_dir), scale, name)
+                self._tag_loras.add(name)
+            elif self.loras[name] != scale:
+                self.set_lora_scale(name, scale)
+        return text
+
+    def adapter_infotext(self, settings):
+        """A1111's `Lora hashes` (the active LoRAs) and `TI hashes` (the embeddings the prompts use) entries."""
+        if self._adapters is None:
+            return []
+        a = self._adapters
+        loras = [f"{name.replace(':', '').replace(',', '')}: {lora_hash(lora.path)}" for name, lora in a.loras.items()
+                 if lora.scale != 0]  # fmt: skip
+        text = normalize(f"{settings.prompt} {settings.negative_prompt or ''}")
+        used = [
+            e for token, e in a.embeddings.items() if re.search(rf"(?<!\w){re.escape(normalize(token))}(?!\w)", text)
+        ]
+        embeddings = [f"{e.token.replace(':', '').replace(',', '')}: {embedding_hash(e.path)}" for e in used]
+        return [(key, ", ".join(v)) for key, v in (("Lora hashes", loras), ("TI hashes", embeddings)) if v]
+
+    def unload_textual_inversion(self, token=None):
+        """Removes the embedding `token`, or all of them (None)."""
+        self.adapters.unload_embedding(token)
 
 
 class StableDiffusionXL(StableDiffusion):

@@ -10,6 +10,7 @@ import random
 import unicodedata
 from dataclasses import dataclass, field, fields
 
+from .adapter_files import extract_lora_tags
 from .controlnet import a1111_units, as_specs
 from .infotext import format_infotext, parse_infotext
 from .prompts import parse_prompt_attention
@@ -73,6 +74,7 @@ class GenerationSettings:
 
         Raises SettingsError naming the setting."""
         check_text("prompt", self.prompt)
+        _settings_error(extract_lora_tags, self.prompt)  # <lora:NAME:WEIGHT> tags: names and weights
         if self.negative_prompt is not None:
             check_text("negative prompt", self.negative_prompt)
         for name in ("width", "height"):
@@ -204,9 +206,9 @@ class GenerationSettings:
 
     # --- A1111 infotext ---------------------------------------------------------------------------------------
 
-    def to_infotext(self, model_name):
-        """The A1111 `parameters` text of these (resolved) settings."""
-        values = [(key, fmt(self, model_name)) for key, fmt, _ in INFOTEXT]
+    def to_infotext(self, model_name, extra=()):
+        """The A1111 `parameters` text of these (resolved) settings, with `extra` [(key, value)] entries."""
+        values = [(key, fmt(self, model_name)) for key, fmt, _ in INFOTEXT] + list(extra)
         values += list(a1111_units([spec.settings() for spec in self.controlnet or []]).items())
         return format_infotext(self.prompt, self.negative_prompt, [(k, v) for k, v in values if v is not None])
 

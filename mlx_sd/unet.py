@@ -356,6 +356,22 @@ class UpBlock2D(nn.Module):
         return x
 
 
+def down_blocks(config: UNetConfig, temb_channels):
+    """The UNet's (and a ControlNet's) down blocks, each halving the size but the last."""
+    channels, n = config.block_out_channels, len(config.block_out_channels)
+    return [
+        DownBlock2D(
+            config,
+            i,
+            channels[max(i - 1, 0)],
+            temb_channels,
+            cross_attention=config.down_block_types[i] == "CrossAttnDownBlock2D",
+            add_downsample=i < n - 1,
+        )
+        for i in range(n)
+    ]
+
+
 class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, config: UNetConfig, temb_channels):
         super().__init__()
@@ -393,17 +409,7 @@ class UNet2DConditionModel(nn.Module):
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_channels)
 
-        self.down_blocks = [
-            DownBlock2D(
-                config,
-                i,
-                channels[max(i - 1, 0)],
-                temb_channels,
-                cross_attention=config.down_block_types[i] == "CrossAttnDownBlock2D",
-                add_downsample=i < n - 1,
-            )
-            for i in range(n)
-        ]
+        self.down_blocks = down_blocks(config, temb_channels)
         self.mid_block = UNetMidBlock2DCrossAttn(config, temb_channels)
         rev = list(reversed(channels))
         self.up_blocks = [

@@ -26,16 +26,23 @@ from helpers import running_server
 from mlx_sd import GenerationSettings, StableDiffusion
 from mlx_sd.cli import cli
 from mlx_sd.schedulers import SAMPLERS
-from mlx_sd.server.loras import apply_prompt_loras
-from mlx_sd.server.payloads import RequestError
 
 PROMPT = "a lighthouse on a cliff, (oil painting:1.2)"
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
+    """style: a real LoRA for the tiny SD 1.x UNet (Kohya keys, one attention layer); broken: not a LoRA file."""
+    from safetensors.numpy import save_file
+
     folder = tmp_path_factory.mktemp("loras")
-    for name in ("style.safetensors", "broken.safetensors", "notes.txt", ".hidden.safetensors"):
+    block = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
+    rng, factors = np.random.default_rng(0), {}
+    for layer in (f"{block}_to_q", f"{block}_to_k", f"{block}_to_v", f"{block}_to_out_0"):
+        factors[f"{layer}.lora_down.weight"] = 2 * rng.standard_normal((2, 32))
+        factors[f"{layer}.lora_up.weight"] = 2 * rng.standard_normal((32, 2))
+    save_file({k: v.astype(np.float32) for k, v in factors.items()}, folder / "style.safetensors")
+    for name in ("broken.safetensors", "notes.txt", ".hidden.safetensors"):
         (folder / name).write_bytes(b"not a real file")
     return folder
 
@@ -374,48 +381,38 @@ def test_loras_are_listed_and_tags_checked(a1111, served):
         ("style", "style.safetensors"),
     ]
     for prompt, expected in (
-        ("a cat <lora:missing:0.5>", "unknown LoRA 'missing'"),
-        ("a cat <lora:../style:1>", "unknown LoRA '../style'"),
-        ("a cat <lora:style:much>", "no valid weight"),
-        ("a cat <lora:broken:1>", ""),
+        ("a cat <lora:missing:0.5>", "no LoRA 'missing'"),
+        ("a cat <lora:../style:1>", "invalid LoRA name '../style'"),
+        ("a cat <lora:style:much>", "LoRA scale must be a number, got 'much'"),
+        ("a cat <lora:style:nan>", "LoRA scale must be a finite number"),
+        ("a cat <lora:broken:1>", "broken.safetensors"),
     ):
         response = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 1})
         assert response.status_code == 422 and expected in response.json()["detail"], response.text
 
 
-class FakeLoraPipeline:
-    """Records the LoRA API calls (pipe.load_lora / set_lora_scale / unload_lora / loras)."""
+def test_lora_tags_apply_as_in_the_api(a1111, served, lora_dir, server_models):
+    """`<lora:style:0.8>` in a request's prompt: the API's image with the same prompt and LoRA folder, different from
+    the image without it; the infotext keeps the tag and gains A1111's `Lora hashes`; the next request without the
+    tag has no LoRA."""
+    from mlx_sd import StableDiffusion
+    from mlx_sd.adapter_files import lora_hash
 
-    def __init__(self):
-        self.loras, self.calls = {}, []
-
-    def load_lora(self, path, scale, name):
-        self.calls.append(("load", path.name, scale))
-        self.loras[name] = scale
-
-    def set_lora_scale(self, name, scale):
-        self.calls.append(("scale", name, scale))
-        self.loras[name] = scale
-
-    def unload_lora(self, name):
-        self.calls.append(("unload", name))
-        del self.loras[name]
-
-
-def test_prompt_loras_seam_loads_rescales_and_unloads(lora_dir):
-    pipe = FakeLoraPipeline()
-    assert apply_prompt_loras(pipe, "a cat <lora:style:0.5>, smiling", lora_dir) == "a cat , smiling"
-    assert apply_prompt_loras(pipe, "<lora:style:0.7><lora:broken>a cat", lora_dir) == "a cat"
-    assert apply_prompt_loras(pipe, "a cat", lora_dir) == "a cat"
-    assert pipe.calls == [
-        ("load", "style.safetensors", 0.5),
-        ("scale", "style", 0.7),
-        ("load", "broken.safetensors", 1.0),
-        ("unload", "style"),
-        ("unload", "broken"),
-    ]
-    with pytest.raises(RequestError, match="unknown LoRA"):
-        apply_prompt_loras(pipe, "<lora:notes:1>", lora_dir)
+    a1111.set_options({"sd_model_checkpoint": "sd1"})
+    common = dict(seed=5, steps=2, width=32, height=32, cfg_scale=7.5, sampler_name="Euler")
+    tagged = a1111.txt2img(prompt="a cat <lora:style:0.8>", **common)
+    plain = a1111.txt2img(prompt="a cat", **common)
+    pipe = StableDiffusion.from_pretrained(server_models / "sd1", dtype="float32")
+    pipe.lora_dir = lora_dir
+    expected = pipe.generate("a cat <lora:style:0.8>", seed=5, steps=2, width=32, height=32, sampler="euler")
+    assert np.array_equal(np.asarray(tagged.image), np.asarray(expected[0]))
+    assert np.abs(np.asarray(tagged.image, float) - np.asarray(plain.image, float)).mean() > 1
+    infotext = tagged.info["infotexts"][0]
+    assert (
+        infotext.startswith("a cat <lora:style:0.8>\n")
+        and f'Lora hashes: "style: {lora_hash(lora_dir / "style.safetensors")}"' in infotext
+    )
+    assert "Lora hashes" not in plain.info["infotexts"][0]
 
 
 def test_serve_refuses_the_network_without_authentication():

@@ -8,7 +8,6 @@ import mlx.core as mx
 
 from ..pipeline import Images, to_pil
 from ..settings import GenerationSettings, image_seed
-from .loras import apply_prompt_loras
 from .payloads import Cancelled, RequestError
 
 
@@ -44,9 +43,8 @@ class GenerationResult:
 
     @property
     def infotexts(self):
-        """The A1111 infotext of each image, with the prompt's tags."""
-        s = self.settings.replace(prompt=self.prompt)
-        return [s.replace(seed=seed).to_infotext(self.model) for seed in self.seeds]
+        """The A1111 infotext of each image (the prompt's <lora:...> tags kept, and the LoRAs' hashes)."""
+        return [batch.infotext(i) for batch in self.batches for i in range(len(batch))]
 
 
 def run_generation(worker, task, request):
@@ -58,9 +56,7 @@ def run_generation(worker, task, request):
     pipe = worker.pipe
     if pipe is None:  # the last model switch failed and the previous model could not be loaded again
         raise RequestError("no model is loaded: choose one (sd_model_checkpoint / model)", status=503)
-    prompt = request.settings.prompt
-    settings = request.settings.replace(prompt=apply_prompt_loras(pipe, prompt, worker.lora_dir))
-    settings = settings.resolve(pipe.limits())  # the seed drawn once for all batches
+    settings = request.settings.resolve(pipe.limits())  # the seed drawn once for all batches
     task.batches = request.batches
     batches = []
     for k in range(request.batches):
@@ -69,7 +65,7 @@ def run_generation(worker, task, request):
         batches.append(run_batch(worker, task, settings.replace(seed=seed)))
         if task.interrupted.is_set():
             break
-    return GenerationResult(batches, prompt, pipe.name, task.interrupted.is_set())
+    return GenerationResult(batches, request.settings.prompt, pipe.name, task.interrupted.is_set())
 
 
 def run_batch(worker, task, settings):
@@ -97,4 +93,5 @@ def run_batch(worker, task, settings):
 def decode_now(pipe, settings, latents):
     """Images of latents part way through (A1111's interrupt returns them)."""
     tiled = pipe.low_memory if settings.tiled_decode is None else settings.tiled_decode
-    return Images(to_pil(pipe.decode(latents, tiled)), settings, pipe.name, {}, mx.get_peak_memory())
+    images = to_pil(pipe.decode(latents, tiled))
+    return Images(images, settings, pipe.name, {}, mx.get_peak_memory(), pipe.adapter_infotext(settings))

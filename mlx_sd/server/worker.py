@@ -136,6 +136,7 @@ class Worker:
     def _load(self, entry):
         self.pipe = StableDiffusion.from_pretrained(entry.source, dtype=self.dtype, low_memory=self.low_memory)
         self.pipe.name = entry.title  # the model name in infotexts: the title clients know, not a path
+        self.pipe.lora_dir = self.lora_dir  # for <lora:NAME:WEIGHT> tags (names only: files in that folder)
         self.model = entry
 
     def _loop(self):
