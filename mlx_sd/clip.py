@@ -46,14 +46,32 @@ class CLIPTextOutput:
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings; ids from vocab_size on are textual-inversion vectors (`set_extra`), looked up
+    apart from the token embedding (which may be quantized)."""
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        self.vocab_size = config.vocab_size
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
+    def set_extra(self, vectors):
+        """Textual-inversion vectors (n, hidden) for ids vocab_size ... vocab_size + n - 1, or None; private, so
+        not a parameter of the model."""
+        if vectors is None:
+            self.pop("_extra", None)
+        else:
+            self._extra = vectors
+
     def __call__(self, input_ids):
         L = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, hidden)
+        if "_extra" not in self:
+            return self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, hidden)
+        extra_ids = input_ids - self.vocab_size
+        is_extra = extra_ids >= 0
+        tokens = self.token_embedding(mx.where(is_extra, 0, input_ids))
+        extra = self._extra[mx.clip(extra_ids, 0, self._extra.shape[0] - 1)].astype(tokens.dtype)
+        return mx.where(is_extra[..., None], extra, tokens) + self.position_embedding.weight[:L]
 
 
 class CLIPAttention(nn.Module):

@@ -1,5 +1,7 @@
 """Input images and masks for image-to-image and inpainting, prepared as diffusers' VaeImageProcessor does."""
 
+import struct
+
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -8,17 +10,30 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 RESAMPLE = Image.Resampling.LANCZOS
 
 
+def open_image(path):
+    """The image file `path`, fully read; ValueError naming the file if it is not an image Pillow reads (a
+    truncated or corrupt file, or more pixels than PIL.Image.MAX_IMAGE_PIXELS allows: a decompression bomb)."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {path}: not an image file Pillow can open") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ValueError(f"cannot read image {path}: {reason.splitlines()[0][:200]}") from None
+
+
 def load_image(image):
     """A PIL image or a path -> RGB PIL image with its EXIF orientation applied (diffusers.utils.load_image)."""
     if not isinstance(image, Image.Image):
+        path, image = image, open_image(image)
         try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-        except UnidentifiedImageError:
-            raise ValueError(f"cannot read image {image}: not an image file Pillow can open") from None
-        except OSError as e:
-            raise ValueError(f"cannot read image {image}: {e.strerror or e}") from None
+            image = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read image {path}: bad EXIF data ({e})") from None
     else:
         image = ImageOps.exif_transpose(image)
     return image.convert("RGB")

@@ -1,29 +1,34 @@
 """Describing what a path holds: a model folder, a single-file checkpoint, or a PNG made by mlx_sd / A1111."""
 
-import json
-import struct
-from collections import namedtuple
+import unicodedata
 from pathlib import Path
 
-from PIL import Image
-
 from .infotext import parse_a1111_parameters
-from .weights import MANIFEST
-
-Tensor = namedtuple("Tensor", "shape dtype")
-
-
-def safetensors_header(path):
-    """name -> Tensor(shape, dtype) from a .safetensors header, without reading the weights."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {k: Tensor(tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+from .png import read_parameters
+from .weights import MANIFEST, ModelLoadError, read_json, safetensors_header
 
 
 def describe(path):
-    """Lines describing `path`: family, components (parameters, dtype, quantization, size), or PNG parameters."""
-    path = Path(path)
+    """Lines describing `path`: family, components (parameters, dtype, quantization, size), or PNG parameters.
+
+    Control characters (terminal escape sequences from a crafted PNG or file name) are shown escaped. A file
+    that is not what its name says, or weights whose bytes are not all present, is a one-line ValueError naming
+    the file."""
+    try:
+        return [printable(line) for line in _describe(Path(path))]
+    except (ValueError, ModelLoadError) as e:
+        raise ValueError(printable(str(e))) from None
+
+
+def printable(text):
+    """`text` with every control and format character (C0, DEL, C1, bidirectional overrides, ...; not the
+    zero-width joiners of emoji) shown as an escape: \\x1b."""
+    return "".join(
+        c if unicodedata.category(c) not in ("Cc", "Cf") or c in "\u200c\u200d" else ascii(c)[1:-1] for c in text
+    )
+
+
+def _describe(path):
     if not path.exists():
         raise ValueError(f"{path} does not exist")
     if path.is_dir():
@@ -36,9 +41,7 @@ def describe(path):
 
 
 def _describe_png(path):
-    with Image.open(path) as image:
-        text = image.text.get("parameters") if hasattr(image, "text") else None
-        size = image.size
+    text, size = read_parameters(path)
     if not text:
         return [f"{path}: PNG {size[0]}x{size[1]} without generation parameters"]
     lines = [f"{path}: PNG {size[0]}x{size[1]}"]
@@ -47,13 +50,18 @@ def _describe_png(path):
 
 
 def _describe_single_file(path):
+    """A single-file checkpoint (SD or ControlNet), else a LoRA or textual-inversion embedding, else unrecognised."""
+    from .adapter_files import describe_adapter
     from .single_file import detect_family
 
     tensors = safetensors_header(path)
     try:
         family = detect_family(tensors)
     except ValueError as e:
-        family = f"unrecognised ({e})"
+        try:
+            return [f"{path}:", *(f"  {line}" for line in describe_adapter(path))]
+        except (ModelLoadError, ValueError):
+            family = f"unrecognised ({e})"
     return [
         f"{path}: single-file checkpoint (original layout), family {family}",
         f"  {_count(tensors)} parameters, {_dtypes(tensors)}, {_size(path)}",
@@ -64,11 +72,11 @@ def _describe_folder(path):
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{path} has no model_index.json: not a model folder")
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     lines = [f"{path}: {index.get('_class_name', 'unknown pipeline')}"]
     manifest = path / MANIFEST
     if manifest.is_file():
-        info = json.loads(manifest.read_text())
+        info = read_json(manifest)
         lines.append("  converted by mlx_sd: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     for component in sorted(p for p in path.iterdir() if p.is_dir()):
         files = sorted(component.glob("*.safetensors"))
@@ -78,8 +86,9 @@ def _describe_folder(path):
         for f in files:
             tensors.update(safetensors_header(f))
         config_file = component / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         quantized = config.get("quantization")
+        quantized = quantized if isinstance(quantized, dict) else None
         q = f", quantized {quantized['bits']}-bit (group {quantized['group_size']})" if quantized else ""
         q += " with convolutions" if quantized and quantized.get("convolutions") else ""
         lines.append(f"  {component.name}: {_count(tensors)} parameters, {_dtypes(tensors)}{q}, {_size(*files)}")

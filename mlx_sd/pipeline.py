@@ -1,21 +1,40 @@
-"""The text-to-image pipeline: tokenizer -> CLIP -> UNet + sampler -> VAE, and the Python API."""
+"""The text-to-image pipeline: tokenizer -> CLIP -> UNet + sampler -> VAE, and the Python API.
 
-import random
+A generation runs in layers, as mlx-lm's generate_step -> stream_generate -> generate: `prepare(settings)` checks
+the settings against the model and computes the starting latents and the text conditioning; `stream(settings)`
+yields a `Step` after each sampler step and the images at the end (stopping the iteration cancels); `generate(...)`
+collects the images.
+"""
+
+import re
 import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from PIL import Image
 
+from .adapter_files import embedding_hash, extract_lora_tags, find_lora, lora_hash
+from .controlnet import control_residuals, prepare_controls
+from .hub import resolve_variant
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
 from .loading import load_denoiser, load_text_encoder, model_family, open_model
-from .prompts import apply_weights, chunk_prompt, pad_chunks
-from .schedulers import default_sampler, make_scheduler, resolve_sampler
+from .lora import Adapters
+from .prompts import apply_weights, chunk_prompt, count_chunks, pad_chunks
+from .schedulers import default_sampler, make_scheduler
+from .settings import FIELDS, GenerationSettings, ModelLimits, SettingsError, image_seed
+from .thread_exit import clear_mlx_state_at_thread_exit
+from .tokenizer import normalize
 from .vae import should_tile
 from .weights import ModelLoadError, read_json
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype():
+    """float16 on a GPU (Metal, CUDA); float32 on the CPU backend, where float16 matrix products are ~50x slower."""
+    return "float16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
 
 
 @dataclass
@@ -48,17 +67,36 @@ class GenerationCancelled(Exception):
 
 
 class Images(list):
-    """The generated PIL images, with the seed of the first one (image i used seed + i) and the settings.
+    """The generated PIL images, with the resolved settings (image i used seed + i).
 
+    `seed`: the first image's seed; `settings`: the GenerationSettings used; `parameters`: their A1111 infotext;
     `timings`: seconds per phase; `peak_memory`: the peak bytes MLX held during the generation.
     """
 
-    def __init__(self, images, seed, parameters, timings, peak_memory):
+    def __init__(self, images, settings, model_name, timings, peak_memory, infotext_extra=()):
         super().__init__(images)
-        self.seed = seed
-        self.parameters = parameters
+        self.seed = settings.seed
+        self.settings = settings
+        self.model_name = model_name
+        self.infotext_extra = list(infotext_extra)  # the pipeline's own entries (Lora hashes, TI hashes)
+        self.parameters = settings.to_infotext(model_name, self.infotext_extra)
         self.timings = timings
         self.peak_memory = peak_memory
+
+    def infotext(self, index):
+        """The A1111 infotext of image `index` (its own seed)."""
+        settings = self.settings.replace(seed=image_seed(self.seed, index))
+        return settings.to_infotext(self.model_name, self.infotext_extra)
+
+
+@dataclass
+class Step:
+    """What stream() yields: after each sampler step the latents; the last item also carries the images."""
+
+    step: int  # steps done, 1..total
+    total: int
+    latents: mx.array  # (B, h, w, 4)
+    images: Images | None = None
 
 
 @dataclass
@@ -67,9 +105,7 @@ class Inpainting:
 
     mask: mx.array  # (B, h, w, 1) 1 = repaint, at latent size
     image_latents: mx.array  # (B, h, w, 4) scaled latents of the input image
-    masked_latents: (
-        mx.array
-    )  # (B, h, w, 4) latents of the image with the mask's area blanked (inpainting UNets), or None
+    masked_latents: mx.array  # (B, h, w, 4) latents of the masked image (inpainting UNets), or None
     noise: mx.array  # (B, h, w, 4) the noise the image latents are noised with
 
 
@@ -82,23 +118,48 @@ class Conditioning:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Job:
+    """A prepared generation: resolved settings and everything the denoising loop starts from."""
+
+    settings: GenerationSettings
+    scheduler: object
+    timesteps: mx.array
+    latents: mx.array  # the starting latents, scaled for the first step
+    conditioning: Conditioning
+    inpaint: Inpainting | None
+    controls: list  # ControlNets with their prepared control images (controlnet.prepare_controls)
+    timings: dict
+
+
 class StableDiffusion:
     """Stable Diffusion 1.x / 2.x (epsilon and v-prediction) and SD-Turbo on MLX; loads SDXL as StableDiffusionXL."""
 
-    family = "sd1"  # sd1, sd2 or sdxl (loading.model_family); from_pretrained sets it from the model folder
+    text_encoders = (("tokenizer", "text_encoder"),)  # (tokenizer, encoder) component names
+    size_conditioning = False
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, dtype=mx.float16, name="model"):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.unet = unet
-        self.vae = vae
+    def __init__(self, components, scheduler_config, dtype=mx.float32, name="model", family="sd1", config=None):
+        """`components`: tokenizer(s), text encoder(s), unet and vae by their model-folder names."""
+        for key, value in components.items():
+            setattr(self, key, value)
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.name = name
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.defaults = _defaults(unet.config, scheduler_config, self.vae_scale_factor)
-        self.reload_text_encoders = None  # set by from_pretrained(low_memory=True)
+        self.family = family  # sd1, sd2 or sdxl
+        self.config = config or {}  # model_index.json
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.defaults = _defaults(self.unet.config, scheduler_config, self.vae_scale_factor)
+        self.clip_layers = min(getattr(self, e).config.num_hidden_layers for _, e in self.text_encoders)
         self.low_memory = False
+        self.lora_dir = None  # the folder of NAME.safetensors files that <lora:NAME:WEIGHT> prompt tags apply
+        self._adapters = None  # mlx_sd.lora.Adapters, made on first use
+        self._tag_loras = set()  # the LoRAs loaded for prompt tags (the others are the user's)
+        self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to reload text encoders
+
+    @property
+    def models(self):
+        """The names of the model components: text encoder(s), unet, vae."""
+        return [encoder for _, encoder in self.text_encoders] + ["unet", "vae"]
 
     def __enter__(self):
         return self
@@ -108,70 +169,87 @@ class StableDiffusion:
 
     def unload(self):
         """Frees every model's weights; the pipeline cannot generate afterwards."""
-        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
-            if hasattr(self, name):
-                setattr(self, name, None)
-        self.reload_text_encoders = None
+        for name in self.models:
+            setattr(self, name, None)
+        self._source = self._adapters = None
         mx.clear_cache()
 
     def free_text_encoders(self):
         """Frees the text encoders (low_memory mode); they are loaded again when a prompt needs encoding."""
-        self.text_encoder = None
-        if hasattr(self, "text_encoder_2"):
-            self.text_encoder_2 = None
+        for _, encoder in self.text_encoders:
+            setattr(self, encoder, None)
         mx.clear_cache()
 
     def _ensure_text_encoders(self):
-        if self.text_encoder is None:
-            if self.reload_text_encoders is None:
-                raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
-            self.reload_text_encoders(self)
+        if all(getattr(self, e) is not None for _, e in self.text_encoders):
+            return
+        if self._source is None:
+            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+        self._load_text_encoders(*self._source)
+        self.attach_adapters()
+
+    def _load_text_encoders(self, folder, checkpoint, quantize, variant):
+        for tokenizer, encoder in self.text_encoders:
+            _, model = load_text_encoder(folder, tokenizer, encoder, self.dtype, quantize, checkpoint, variant)
+            setattr(self, encoder, model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float16", low_memory=False, quantize=None):
+    def from_pretrained(cls, name_or_path, dtype=None, low_memory=False, quantize=None, variant=None):
         """Loads a diffusers-format folder or Hub repo id (downloaded once into the Hugging Face cache), a folder
         written by `mlx-sd convert`, or a single-file `.safetensors` checkpoint of SD 1.x or SDXL (SD 2.x files
         need `mlx-sd convert --prediction-type`).
 
+        dtype: "float32", "float16" or "bfloat16"; None picks float16 on a GPU and float32 on the CPU backend.
         quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
-
-        low_memory=True frees the text encoders once the prompts are encoded (they are read again from
-        the model folder for the next prompt), so that they and the UNet are never in memory together, runs
-        the guidance's negative and positive halves as separate UNet calls (half the activations), and decodes
-        images larger than 512 x 512 in tiles (see `decode`).
+        variant: the weight files to read, "fp16" (`*.fp16.safetensors`) or "none" (the full-precision files); by
+        default the fp16 files for float16 / bfloat16 where the model has them (diffusers' `variant="fp16"`).
+        low_memory=True frees the text encoders once the prompts are encoded (they are read again from the model
+        folder for the next prompt), runs the guidance's negative and positive halves as separate UNet calls (half
+        the activations), and decodes images larger than 512 x 512 in tiles (see `decode`).
         """
         dtype = _dtype(dtype)
-        folder, checkpoint = open_model(name_or_path)
+        folder, checkpoint = open_model(name_or_path, dtype=dtype, variant=variant)
+        variant = resolve_variant(dtype, variant)
         index = read_json(folder / "model_index.json")
-        if index.get("_class_name") not in PIPELINES:
+        pipeline = PIPELINES.get(index.get("_class_name"))
+        if pipeline is None:
             raise ModelLoadError(
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(PIPELINES)}"
             )
-        model = PIPELINES[index["_class_name"]]._load(folder, index, dtype, str(name_or_path), quantize, checkpoint)
-        model.family = model_family(folder)
+        components = {}
+        for tokenizer, encoder in pipeline.text_encoders:
+            components[tokenizer], components[encoder] = load_text_encoder(
+                folder, tokenizer, encoder, dtype, quantize, checkpoint, variant
+            )
+        components["unet"], components["vae"], scheduler_config = load_denoiser(
+            folder, dtype, quantize, checkpoint, variant
+        )
+        model = pipeline(components, scheduler_config, dtype, str(name_or_path), model_family(folder), index)
         model.low_memory = bool(low_memory)
-        if low_memory:
-            model.reload_text_encoders = lambda m: m._load_text_encoders(folder, dtype, quantize, checkpoint)
+        model._source = (folder, checkpoint, quantize, variant)
         return model
-
-    @classmethod
-    def _load(cls, folder, index, dtype, name, quantize=None, checkpoint=None):
-        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
-        unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
-        model = cls(tokenizer, text_encoder, unet, vae, scheduler_config, dtype, name=name)
-        mx.eval(model.parameters())
-        return model
-
-    def _load_text_encoders(self, folder, dtype, quantize=None, checkpoint=None):
-        _, self.text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
 
     def parameters(self):
-        return [m.parameters() for m in (self.text_encoder, self.unet, self.vae)]
+        return [getattr(self, name).parameters() for name in self.models if getattr(self, name) is not None]
+
+    def limits(self):
+        """What the settings are checked against (GenerationSettings.resolve)."""
+        return ModelLimits(
+            defaults=self.defaults,
+            vae_scale_factor=self.vae_scale_factor,
+            latent_channels=self.vae.config.latent_channels,
+            clip_layers=self.clip_layers,
+            scheduler_config=self.scheduler_config,
+            size_conditioning=self.size_conditioning,
+            image_size=lambda image: default_size(image, self.vae_scale_factor),
+            prompt_chunks=lambda text: max(count_chunks(getattr(self, t), text) for t, _ in self.text_encoders),
+            memory_needed=self.memory_needed,
+        )
 
     # --- phases -------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None, truncate=False):
-        """CLIP embeddings of the prompts, with the negative prompts first when guidance is on.
+        """CLIP embeddings of the prompts, with the negative prompts (None: empty) first when guidance is on.
 
         Prompts follow A1111: `(word:1.3)` weights, and prompts over 75 tokens are encoded in 75-token
         chunks and concatenated (every prompt of the batch padded to the same number of chunks);
@@ -179,7 +257,7 @@ class StableDiffusion:
         """
         self._ensure_text_encoders()
         guidance = guidance_scale > 1
-        texts = [*negative_prompts, *prompts] if guidance else list(prompts)
+        texts = [*(n or "" for n in negative_prompts), *prompts] if guidance else list(prompts)
 
         def select(out):
             if clip_skip is None or clip_skip <= 1:
@@ -191,26 +269,30 @@ class StableDiffusion:
         embeds, _ = encode_chunks(self.text_encoder, chunks, select)
         return Conditioning(embeds.astype(self.dtype), guidance)
 
-    def denoise(self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None):
+    def denoise(
+        self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None, controls=()
+    ):
         """Yields the latents after each sampler step; each step is evaluated before it is yielded.
 
-        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state.
-        Ancestral samplers draw their noise for image i from a stream seeded by seeds[i], so an image
-        comes out the same whichever batch it is generated in.
+        `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state;
+        `controls`: ControlNets (controlnet.prepare_controls) whose residuals the UNet adds.
+        Ancestral samplers draw their noise for image i from a stream seeded by seeds[i] (`step_noise`), so an
+        image comes out the same whichever batch it is generated in.
         """
         timesteps = scheduler.timesteps if timesteps is None else timesteps
         noises = step_noise(seeds, latents.shape[1:])
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
+            residuals = control_residuals(controls, x.astype(self.dtype), t, conditioning, i, len(timesteps))
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            eps = self.predict_noise(x.astype(self.dtype), t, conditioning).astype(mx.float32)
+            out = self.predict(x.astype(self.dtype), t, conditioning, residuals).astype(mx.float32)
             if conditioning.guidance:
-                eps_uncond, eps_text = mx.split(eps, 2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            latents = scheduler.step(eps, t, latents, noise=next(noises))
+                out_uncond, out_text = mx.split(out, 2)
+                out = out_uncond + guidance_scale * (out_text - out_uncond)
+            latents = scheduler.step(out, t, latents, noise=next(noises))
             if inpaint is not None and inpaint.masked_latents is None:
                 # ordinary checkpoints: outside the mask, put back the image's latents noised to the next step
                 known = inpaint.image_latents
@@ -220,23 +302,26 @@ class StableDiffusion:
             mx.eval(latents)
             yield latents
 
-    def predict_noise(self, x, t, conditioning):
-        """The UNet's output for x; with guidance in low_memory mode, the negative and positive halves of the
-        batch run as two evaluated calls, so that the UNet's activations are those of half the batch."""
+    def predict(self, x, t, conditioning, residuals=None):
+        """The UNet's output for x (noise or v, as the model predicts); with guidance in low_memory mode, the
+        negative and positive halves of the batch run as two evaluated calls, so that the UNet's activations are
+        those of half the batch. `residuals`: ControlNet residuals (controlnet.control_residuals) for the UNet."""
+        residuals = residuals or {}
         if not (self.low_memory and conditioning.guidance):
-            return self.unet(x, t, conditioning.embeds, **conditioning.extra)
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals)
         n = x.shape[0] // 2
         halves = []
         for part in (slice(0, n), slice(n, 2 * n)):
             extra = {k: v[part] for k, v in conditioning.extra.items()}
+            if residuals:
+                down = [r[part] for r in residuals["down_residuals"]]
+                extra.update(down_residuals=down, mid_residual=residuals["mid_residual"][part])
             halves.append(self.unet(x[part], t, conditioning.embeds[part], **extra))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
 
-    def add_size_conditioning(self, conditioning, size, original_size, crops_coords_top_left, target_size):
+    def add_size_conditioning(self, conditioning, settings):
         """SD 1.x / 2.x have no size conditioning (see StableDiffusionXL)."""
-        if original_size is not None or target_size is not None or tuple(crops_coords_top_left) != (0, 0):
-            raise ValueError("original_size, crops_coords_top_left and target_size apply to SDXL models only")
         return conditioning
 
     def decode(self, latents, tiled=False):
@@ -261,158 +346,113 @@ class StableDiffusion:
 
     # --- the API --------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt,
-        negative_prompt="",
-        width=None,
-        height=None,
-        steps=None,
-        guidance_scale=None,
-        sampler=None,
-        seed=None,
-        num_images=1,
-        latents=None,
-        clip_skip=None,
-        image=None,
-        strength=None,
-        mask=None,
-        mask_blur=0,
-        image_noise=None,
-        original_size=None,
-        crops_coords_top_left=(0, 0),
-        target_size=None,
-        truncate_prompt=False,
-        tiled_decode=None,
-        callback=None,
-        cancel=None,
-    ):
-        """Generates `num_images` PIL images for `prompt`; returns them as a list with `.seed` and `.parameters`.
+    def generate(self, prompt=None, callback=None, cancel=None, **settings):
+        """Generates images; returns them as an `Images` list (with `.seed`, `.settings`, `.parameters`).
 
-        `latents`: optional initial noise (N, height/8, width/8, 4), standard normal; it is scaled by the
-        sampler's initial sigma exactly as diffusers treats its `latents` argument. Image i uses seed + i.
-        `image` (PIL or path): image-to-image from it; `strength` (0..1, default 0.8; 1.0 with a mask) is the
-        share of the schedule that runs (diffusers: the last int(steps * strength) steps), and `latents` is
-        then the noise added to the image's latents. `mask` (PIL or path, white = repaint): inpainting, with
-        inpainting checkpoints (9-channel UNet) or ordinary ones; `mask_blur` blurs the mask first (pixels).
-        The size defaults to the image's, rounded down to multiples of 8. `image_noise` (N, h, w, 4): the
-        standard normal draw of the VAE posterior sample (default: from the seed).
-        SDXL only: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs) set the
-        size conditioning; they default to the output size and (0, 0).
-        `truncate_prompt=True` cuts prompts at 75 tokens instead of encoding them in chunks.
-        `tiled_decode`: decode images larger than 512 x 512 in blended tiles (see `decode`); the default, None,
-        tiles when the pipeline was loaded with low_memory=True.
+        `prompt`: the prompt, or a GenerationSettings; the keyword arguments are GenerationSettings fields
+        (negative_prompt, width, height, steps, guidance_scale, sampler, seed, num_images, clip_skip, image,
+        strength, mask, mask_blur, controlnet, latents, image_noise, original_size, crops_coords_top_left,
+        target_size, truncate_prompt, tiled_decode, ...; see settings.py), overriding the object's. Left out: the
+        model's defaults. `controlnet`: ControlSpecs (mlx_sd.controlnet), each a ControlNet with its control image.
         `callback(step, total, latents)` is called after each step; setting the `cancel` event (e.g. a
         threading.Event, from another thread) stops at the next step with GenerationCancelled.
         """
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("cancelled before the first step")
+        for item in self.stream(prompt, **settings):
+            if item.images is not None:
+                return item.images
+            if callback is not None:
+                callback(item.step, item.total, item.latents)
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"cancelled before step {item.step + 1} of {item.total}")
+        raise AssertionError("stream() ended without images")
+
+    def stream(self, prompt=None, **settings):
+        """Yields a Step after each sampler step, then a last Step carrying the images (`.images`).
+
+        Arguments as generate(). Each step is computed when the next item is asked for: stopping the iteration
+        (break, or closing the generator) cancels the generation."""
+        clear_mlx_state_at_thread_exit()
+        mx.reset_peak_memory()
+        job = self.prepare(prompt, **settings)
+        s, timings = job.settings, job.timings
+        tic = time.perf_counter()
+        total = len(job.timesteps)
+        latents = job.latents
+        steps = self.denoise(job.conditioning, latents, job.scheduler, s.guidance_scale, s.seeds, job.timesteps,
+                             job.inpaint, job.controls)  # fmt: skip
+        for step, latents in enumerate(steps, 1):
+            yield Step(step, total, latents)
+        timings["denoise"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        images = to_pil(self.decode(latents, self.low_memory if s.tiled_decode is None else s.tiled_decode))
+        timings["vae"] = time.perf_counter() - tic
+        images = Images(images, s, self.name, timings, mx.get_peak_memory(), self.adapter_infotext(s))
+        yield Step(total, total, latents, images)
+
+    def prepare(self, prompt=None, **settings):
+        """A Job: the settings resolved and checked for this model, the starting latents and the conditioning."""
         if self.unet is None:
             raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
-        if mask is not None and image is None:
-            raise ValueError("a mask needs an image to inpaint (image=...)")
-        d = self.defaults
-        if image is not None:
-            image = load_image(image)
-            if mask is not None:
-                if not isinstance(mask, Image.Image):
-                    mask = load_image(mask)  # read the file once; a PIL mask keeps its mode (see preprocess_mask)
-                check_image_and_mask(image, mask)
-            if width is None and height is None:
-                width, height = default_size(image, self.vae_scale_factor)
-        width = d.width if width is None else int(width)
-        height = d.height if height is None else int(height)
-        steps = d.steps if steps is None else int(steps)
-        guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        sampler = d.sampler if sampler is None else resolve_sampler(sampler)
-        seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
-        strength = (1.0 if mask is not None else 0.8) if strength is None else float(strength)
-        self.check_settings(width, height, steps, guidance_scale, num_images)
-        shape = (
-            num_images,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-            self.vae.config.latent_channels,
-        )
-        seeds = [seed + i for i in range(num_images)]
-        latents = _noise_or(latents, shape, seeds, "latents", width, height)
-        scheduler = make_scheduler(sampler, self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        timesteps = scheduler.timesteps
-
-        timings = {}
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        inpaint = None
-        if image is None:
-            x = latents * scheduler.init_noise_sigma
+        s = as_settings(prompt, settings).validate()
+        if s.image is not None:  # read each file once; a PIL mask keeps its mode (see preprocess_mask)
+            s.image = load_image(s.image)
+            s.mask = s.mask if s.mask is None or isinstance(s.mask, Image.Image) else load_image(s.mask)
+            if s.mask is not None:
+                check_image_and_mask(s.image, s.mask)
+        s = s.resolve(self.limits())
+        f = self.vae_scale_factor
+        shape = (s.num_images, s.height // f, s.width // f, self.vae.config.latent_channels)
+        noise = _noise_or(s.latents, shape, s.seeds)
+        options = {} if s.eta is None else {"eta": s.eta}
+        scheduler = make_scheduler(s.sampler, self.scheduler_config, s.schedule, s.timestep_spacing, **options)
+        scheduler.set_timesteps(s.steps)
+        guided = s.guidance_scale > 1
+        controls = prepare_controls(s.controlnet or [], self.unet.config, s.width, s.height, s.num_images, guided,
+                                    self.dtype)  # fmt: skip
+        timings, tic = {}, time.perf_counter()
+        timesteps, inpaint = scheduler.timesteps, None
+        if s.image is None:
+            latents = noise * scheduler.init_noise_sigma
         else:
-            timesteps = _strength_timesteps(timesteps, steps, strength)
+            timesteps = _strength_timesteps(timesteps, s.steps, s.strength, scheduler.order)
             # the VAE posterior's standard normal draw, from a stream of its own per image
-            image_noise = _noise_or(image_noise, shape, [s + 2**32 for s in seeds], "image_noise", width, height)
-            x, inpaint = self.prepare_image(
-                image, mask, mask_blur, width, height, strength, latents, image_noise, scheduler, timesteps
-            )
-            mx.eval(x)
+            seeds = [image_seed(seed, 2**32) for seed in s.seeds]
+            image_noise = _noise_or(s.image_noise, shape, seeds)
+            latents, inpaint = self.prepare_image(s, noise, image_noise, scheduler, timesteps)
+            mx.eval(latents)
             timings["vae_encode"] = time.perf_counter() - tic
-
         tic = time.perf_counter()
+        n, prompt = s.num_images, self.apply_prompt_loras(s.prompt)  # the infotext keeps the tags, as A1111's
         conditioning = self.encode_prompt(
-            [prompt] * num_images, [negative_prompt] * num_images, guidance_scale, clip_skip, truncate_prompt
+            [prompt] * n, [s.negative_prompt] * n, s.guidance_scale, s.clip_skip, s.truncate_prompt
         )
-        conditioning = self.add_size_conditioning(
-            conditioning, (height, width), original_size, crops_coords_top_left, target_size
-        )
+        conditioning = self.add_size_conditioning(conditioning, s)
         mx.eval(conditioning.embeds, conditioning.extra)
         if self.low_memory:
             self.free_text_encoders()
         timings["text_encoder"] = time.perf_counter() - tic
+        return Job(s, scheduler, timesteps, latents, conditioning, inpaint, controls, timings)
 
-        tic = time.perf_counter()
-        total = len(timesteps)
-        denoising = self.denoise(conditioning, x, scheduler, guidance_scale, seeds, timesteps, inpaint)
-        for step in range(1, total + 1):
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"cancelled before step {step} of {total}")
-            x = next(denoising)
-            if callback is not None:
-                callback(step, total, x)
-        timings["denoise"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        images = to_pil(self.decode(x, self.low_memory if tiled_decode is None else tiled_decode))
-        timings["vae"] = time.perf_counter() - tic
-        parameters = dict(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            seed=seed,
-            model=self.name,
-            clip_skip=clip_skip,
-        )
-        if image is not None:
-            parameters.update(strength=strength, mask_blur=mask_blur if mask is not None else None)
-        return Images(images, seed, parameters, timings, mx.get_peak_memory())
-
-    def prepare_image(self, image, mask, mask_blur, width, height, strength, noise, image_noise, scheduler, timesteps):
+    def prepare_image(self, settings, noise, image_noise, scheduler, timesteps):
         """The starting latents of image-to-image / inpainting and the inpainting state (None for img2img).
 
         Follows diffusers' Img2Img and Inpaint pipelines: the image's VAE posterior sample (scaled) noised to
         the first remaining timestep; inpainting at strength 1 starts from pure noise.
         """
-        pixels = preprocess_image(image, width, height)  # (1, H, W, 3) in [-1, 1]
+        s = settings
+        pixels = preprocess_image(s.image, s.width, s.height)  # (1, H, W, 3) in [-1, 1]
         image_latents = self.encode_image(pixels, image_noise)
-        if mask is None:
+        if s.mask is None:
             return scheduler.add_noise(image_latents, noise, timesteps[:1]), None
-        full_mask = preprocess_mask(mask, width, height, mask_blur)  # (1, H, W, 1) in {0, 1}
+        full_mask = preprocess_mask(s.mask, s.width, s.height, s.mask_blur)  # (1, H, W, 1) in {0, 1}
         f = self.vae_scale_factor
         latent_mask = mx.broadcast_to(full_mask[:, ::f, ::f], (*noise.shape[:3], 1))  # nearest, like F.interpolate
         masked_latents = None
         if self.unet.config.in_channels == noise.shape[-1] + 1 + noise.shape[-1]:  # an inpainting UNet
             masked_latents = self.encode_image(pixels * (full_mask < 0.5), image_noise)
-        if strength == 1.0:
+        if s.strength == 1.0:
             x = noise * scheduler.init_noise_sigma
         else:
             x = scheduler.add_noise(image_latents, noise, timesteps[:1])
@@ -434,93 +474,144 @@ class StableDiffusion:
         size = (latents.shape[2] * self.vae_scale_factor, latents.shape[1] * self.vae_scale_factor)
         return [image.resize(size, Image.BILINEAR) for image in images]
 
-    def check_settings(self, width, height, steps, guidance_scale, num_images):
-        """Raises ValueError with a one-line explanation for settings that cannot work."""
-        m = self.vae_scale_factor
-        if width <= 0 or height <= 0 or width % m or height % m:
-            raise ValueError(f"width and height must be positive multiples of {m}, got {width}x{height}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
+    def memory_needed(self, settings):
+        """A rough estimate of the peak bytes of a generation with these (resolved) settings: the weights, plus
+        the larger of a UNet step's activations and the VAE decoder's. Used to refuse what cannot fit."""
+        weights = sum(v.nbytes for p in self.parameters() for _, v in tree_flatten(p))
+        guided = settings.guidance_scale > 1 and not self.low_memory
+        batch = settings.num_images * (2 if guided else 1)
+        pixels = settings.width * settings.height
+        bytes_per_value = 2 if self.dtype in (mx.float16, mx.bfloat16) else 4
+        step = batch * pixels * 300 * bytes_per_value  # about 1.2 KB per pixel in float32 (SDXL, measured)
+        if mx.default_device().type == mx.DeviceType.cpu:
+            # the CPU backend's attention materialises the scores of the first attention level: heads x tokens^2
+            level = next(i for i, kind in enumerate(self.unet.config.down_block_types) if "CrossAttn" in kind)
+            tokens = pixels // (self.vae_scale_factor * 2**level) ** 2
+            step += batch * self.unet.config.num_attention_heads[level] * tokens**2 * bytes_per_value
+        tiled = self.low_memory if settings.tiled_decode is None else settings.tiled_decode
+        decoded = min(pixels, 512 * 512) if tiled else pixels * settings.num_images
+        return weights + max(step, decoded * 2048)  # the decoder: about 2 KB per output pixel at least
+
+    # --- LoRAs and textual-inversion embeddings (mlx_sd.lora.Adapters) ----------------------------
+
+    @property
+    def adapters(self):
+        """The pipeline's LoRAs and embeddings, created on first use (reading the text encoders back if freed)."""
+        if self.unet is None:
+            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+        if self._adapters is None:
+            self._ensure_text_encoders()
+            self._adapters = Adapters(self.family)
+            self.attach_adapters()
+        return self._adapters
+
+    def attach_adapters(self):
+        """Applies the LoRAs and embeddings to the components in memory; call it after (re)loading a component."""
+        if self._adapters is None:
+            return
+        for name in self.models:
+            if name != "vae" and getattr(self, name) is not None:  # LoRAs apply to the UNet and text encoders
+                self._adapters.attach(name, getattr(self, name))
+        for tokenizer, encoder in self.text_encoders:
+            self._adapters.attach_tokenizer(encoder, getattr(self, tokenizer))
+
+    def load_lora(self, path, scale=1.0, name=None):
+        """Applies a LoRA file (Kohya / A1111, diffusers / PEFT, LyCORIS LoHa / LoKr; .safetensors) at `scale`;
+        returns its name (default: the file name without suffix). Float layers get the change merged into their
+        weights, quantized layers a low-rank branch; unloading restores the original weights exactly."""
+        return self.adapters.load_lora(path, scale, name)
+
+    def set_lora_scale(self, name, scale):
+        """Changes a loaded LoRA's scale (finite, |scale| <= 10; 0 turns it off); the model is not reloaded."""
+        self.adapters.set_scale(name, scale)
+
+    def unload_lora(self, name=None):
+        """Removes the LoRA `name`, or all of them (None)."""
+        self.adapters.unload_lora(name)
+
+    @property
+    def loras(self):
+        """The loaded LoRAs: name -> scale."""
+        return {} if self._adapters is None else self._adapters.scales
+
+    def load_textual_inversion(self, path, token=None):
+        """Loads a textual-inversion embedding (A1111, diffusers or SDXL .safetensors); returns its token, which
+        used as a word in a prompt inserts its vectors (default: the stored token, else the file name)."""
+        return self.adapters.load_embedding(path, token)
+
+    def apply_prompt_loras(self, prompt):
+        """The prompt without its A1111 `<lora:NAME:WEIGHT>` tags, once the LoRAs loaded for tags are exactly this
+        prompt's: NAME.safetensors in `self.lora_dir` at WEIGHT (loaded, rescaled or unloaded; LoRAs loaded with
+        load_lora are left alone)."""
+        text, tags = extract_lora_tags(prompt)
+        if not tags and not self._tag_loras:
+            return text
+        if tags and self.lora_dir is None:
+            raise SettingsError(
+                "the prompt has <lora:...> tags: give the folder of the LoRA files (lora_dir, --lora-dir)"
+            )
+        wanted = dict(tags)
+        for name in wanted.keys() & (self.loras.keys() - self._tag_loras):
+            raise SettingsError(f"the LoRA {name!r} is already loaded (load_lora / --lora): leave out its tag")
+        for name in self._tag_loras - wanted.keys():
+            self.unload_lora(name)
+            self._tag_loras.discard(name)
+        for name, scale in wanted.items():
+            if name not in self._tag_loras:
+                self.load_lora(find_lora(name, self.lora_dir), scale, name)
+                self._tag_loras.add(name)
+            elif self.loras[name] != scale:
+                self.set_lora_scale(name, scale)
+        return text
+
+    def adapter_infotext(self, settings):
+        """A1111's `Lora hashes` (the active LoRAs) and `TI hashes` (the embeddings the prompts use) entries."""
+        if self._adapters is None:
+            return []
+        a = self._adapters
+        loras = [f"{name.replace(':', '').replace(',', '')}: {lora_hash(lora.path)}" for name, lora in a.loras.items()
+                 if lora.scale != 0]  # fmt: skip
+        text = normalize(f"{settings.prompt} {settings.negative_prompt or ''}")
+        used = [
+            e for token, e in a.embeddings.items() if re.search(rf"(?<!\w){re.escape(normalize(token))}(?!\w)", text)
+        ]
+        embeddings = [f"{e.token.replace(':', '').replace(',', '')}: {embedding_hash(e.path)}" for e in used]
+        return [(key, ", ".join(v)) for key, v in (("Lora hashes", loras), ("TI hashes", embeddings)) if v]
+
+    def unload_textual_inversion(self, token=None):
+        """Removes the embedding `token`, or all of them (None)."""
+        self.adapters.unload_embedding(token)
 
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL base and SDXL-Turbo: two text encoders (CLIP ViT-L + OpenCLIP bigG) and size conditioning."""
 
-    family = "sdxl"
-
-    def __init__(
-        self,
-        tokenizer,
-        text_encoder,
-        tokenizer_2,
-        text_encoder_2,
-        unet,
-        vae,
-        scheduler_config,
-        dtype=mx.float16,
-        name="model",
-        force_zeros_for_empty_prompt=True,
-    ):
-        super().__init__(tokenizer, text_encoder, unet, vae, scheduler_config, dtype, name)
-        self.tokenizer_2 = tokenizer_2
-        self.text_encoder_2 = text_encoder_2
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-
-    @classmethod
-    def _load(cls, folder, index, dtype, name, quantize=None, checkpoint=None):
-        tokenizer, text_encoder = load_text_encoder(folder, "tokenizer", "text_encoder", dtype, quantize, checkpoint)
-        tokenizer_2, text_encoder_2 = load_text_encoder(
-            folder, "tokenizer_2", "text_encoder_2", dtype, quantize, checkpoint
-        )
-        unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint)
-        model = cls(
-            tokenizer,
-            text_encoder,
-            tokenizer_2,
-            text_encoder_2,
-            unet,
-            vae,
-            scheduler_config,
-            dtype,
-            name,
-            index.get("force_zeros_for_empty_prompt", True),
-        )
-        mx.eval(model.parameters())
-        return model
-
-    def _load_text_encoders(self, folder, dtype, quantize=None, checkpoint=None):
-        super()._load_text_encoders(folder, dtype, quantize, checkpoint)
-        _, self.text_encoder_2 = load_text_encoder(folder, "tokenizer_2", "text_encoder_2", dtype, quantize, checkpoint)
-
-    def parameters(self):
-        return super().parameters() + [self.text_encoder_2.parameters()]
+    text_encoders = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    size_conditioning = True
 
     def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None, truncate=False):
         # diffusers' SDXL: penultimate hidden states of both encoders (no final norm) side by side, pooled from
         # the projected output of the second. clip_skip (A1111 numbering) counts back from the penultimate layer.
         self._ensure_text_encoders()
         guidance = guidance_scale > 1
-        texts = [*negative_prompts, *prompts] if guidance else list(prompts)
+        texts = [*(n or "" for n in negative_prompts), *prompts] if guidance else list(prompts)
         layer = -2 if clip_skip is None else -(clip_skip + 1)
         chunks = [chunk_texts(self.tokenizer, texts, truncate), chunk_texts(self.tokenizer_2, texts, truncate)]
         n = max(len(c) for c in chunks[0] + chunks[1])  # the two tokenizers differ on "!"
         hidden, _ = encode_chunks(self.text_encoder, chunks[0], lambda out: out.hidden_states[layer], n)
         hidden_2, pooled = encode_chunks(self.text_encoder_2, chunks[1], lambda out: out.hidden_states[layer], n)
         embeds = mx.concatenate([hidden, hidden_2], axis=-1)  # (B, 77 * n, 768 + 1280)
-        if guidance and self.force_zeros_for_empty_prompt and not any(negative_prompts):
-            # an empty negative prompt is zero embeddings (diffusers' force_zeros_for_empty_prompt)
+        if guidance and self.config.get("force_zeros_for_empty_prompt", True) and negative_prompts[0] is None:
+            # no negative prompt: zero embeddings (diffusers' force_zeros_for_empty_prompt; "" is encoded as text)
             b = len(negative_prompts)
             embeds = mx.concatenate([mx.zeros_like(embeds[:b]), embeds[b:]])
             pooled = mx.concatenate([mx.zeros_like(pooled[:b]), pooled[b:]])
         return Conditioning(embeds.astype(self.dtype), guidance, {"text_embeds": pooled.astype(self.dtype)})
 
-    def add_size_conditioning(self, conditioning, size, original_size, crops_coords_top_left, target_size):
+    def add_size_conditioning(self, conditioning, settings):
         """Adds SDXL's six time ids: original size, crop top-left, target size (each (height, width))."""
-        time_ids = [*(original_size or size), *crops_coords_top_left, *(target_size or size)]
+        size = (settings.height, settings.width)
+        time_ids = [*(settings.original_size or size), *settings.crops_coords_top_left, *(settings.target_size or size)]
         batch = conditioning.embeds.shape[0]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
@@ -535,14 +626,22 @@ PIPELINES = {
 }
 
 
-def _noise_or(noise, shape, seeds, name, width, height):
-    """`noise` checked against `shape`, or standard normal noise drawn for each image from its seed."""
+def as_settings(prompt, overrides):
+    """A GenerationSettings from generate()'s arguments: a settings object or a prompt, and field overrides."""
+    unknown = sorted(overrides.keys() - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown generation setting(s): {', '.join(unknown)}")
+    if isinstance(prompt, GenerationSettings):
+        return prompt.replace(**overrides)
+    if prompt is not None:
+        overrides = {**overrides, "prompt": prompt}
+    return GenerationSettings(**overrides)
+
+
+def _noise_or(noise, shape, seeds):
+    """`noise` (its shape checked by the settings) as float32, or standard normal noise drawn per image seed."""
     if noise is None:
         return mx.concatenate([mx.random.normal((1, *shape[1:]), key=mx.random.key(s)) for s in seeds])
-    if tuple(noise.shape) != shape:
-        raise ValueError(
-            f"{name} must have shape {shape} for {shape[0]} image(s) of {width}x{height}, got {tuple(noise.shape)}"
-        )
     return mx.array(noise, dtype=mx.float32)
 
 
@@ -556,17 +655,10 @@ def step_noise(seeds, shape):
         yield mx.concatenate([mx.random.normal((1, *shape), key=k[1]) for k in keys])
 
 
-def _strength_timesteps(timesteps, steps, strength):
-    """The last int(steps * strength) timesteps (diffusers' get_timesteps); ValueError when none is left."""
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    kept = min(int(steps * strength), steps)
-    if kept < 1:
-        raise ValueError(
-            f"strength {strength} leaves no step of {steps}: raise strength or steps "
-            f"(steps * strength must be at least 1)"
-        )
-    return timesteps[steps - kept :]
+def _strength_timesteps(timesteps, steps, strength, order=1):
+    """The last int(steps * strength) steps (diffusers' get_timesteps; the settings check that one is left).
+    Second-order samplers (order 2) list two timesteps per step."""
+    return timesteps[(steps - min(int(steps * strength), steps)) * order :]
 
 
 def chunk_texts(tokenizer, texts, truncate):
@@ -609,6 +701,8 @@ def _defaults(unet_config, scheduler_config, vae_scale_factor):
 
 
 def _dtype(dtype):
+    if dtype is None:
+        dtype = default_dtype()
     if isinstance(dtype, mx.Dtype):
         return dtype
     if dtype not in DTYPES:

@@ -2,15 +2,16 @@
 
 Follows AUTOMATIC1111 stable-diffusion-webui: modules/prompt_parser.py `parse_prompt_attention`,
 modules/sd_hijack_clip.py `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line` / `process_tokens`
-and modules/sd_emphasis.py `EmphasisOriginal` (textual-inversion embeddings and prompt editing are not
-handled). A prompt becomes n chunks of 77 ids (BOS + 75 tokens + EOS, padded) with one weight per id, and
-its encoding is
+and modules/sd_emphasis.py `EmphasisOriginal` (prompt editing is not handled). A textual-inversion embedding's
+n vectors take n token positions in one chunk (the tokenizer's `embedding_lengths`). A prompt becomes n chunks
+of 77 ids (BOS + 75 tokens + EOS, padded) with one weight per id, and its encoding is
 
     concat_k apply_weights(text_encoder(ids[k]), weights[k])    # along the token axis: (1, 77 * n, C)
 
 i.e. each chunk goes through the text encoder on its own and is weighted on its own, as A1111 does.
 """
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ def parse_prompt_attention(text):
         multiply(start, SQUARE)
     if not pieces:
         pieces = [["", 1.0]]
+    for text, weight in pieces:
+        if not math.isfinite(weight):
+            raise ValueError(f"prompt weight of {text.strip()[:40]!r} is not a finite number")
 
     merged = [pieces[0]]
     for piece in pieces[1:]:
@@ -99,7 +103,8 @@ class PromptChunks:
 
 
 def _split_chunks(tokenizer, text, chunk_size, comma_backtrack):
-    """A1111 `tokenize_line`: [(tokens, weights)] with at most chunk_size tokens each, no BOS/EOS."""
+    """A1111 `tokenize_line`: [(tokens, weights)] with at most chunk_size tokens each, no BOS/EOS; an embedding
+    that does not fit in the current chunk starts the next one."""
     comma = tokenizer.vocab.get(",</w>")
     chunks, tokens, weights, last_comma = [], [], [], -1
 
@@ -112,7 +117,10 @@ def _split_chunks(tokenizer, text, chunk_size, comma_backtrack):
         if piece == "BREAK" and weight == -1:
             close()
             continue
-        for token in tokenizer.tokenize(piece):
+        ids = tokenizer.tokenize(piece)
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma:
                 last_comma = len(tokens)
             elif (
@@ -128,8 +136,12 @@ def _split_chunks(tokenizer, text, chunk_size, comma_backtrack):
                 tokens, weights = tail
             if len(tokens) == chunk_size:
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            n = tokenizer.embedding_lengths.get(token, 1)  # an embedding's vectors stay in one chunk
+            if len(tokens) + n > chunk_size:
+                close()
+            tokens += ids[position : position + n]
+            weights += [weight] * n
+            position += n
     if tokens or not chunks:
         close()
     return chunks
@@ -143,6 +155,11 @@ def _row(tokenizer, tokens, chunk_size):
         first_eos = int(np.argmax(row == eos))
         row[first_eos + 1 :] = pad
     return row
+
+
+def count_chunks(tokenizer, text, chunk_size=75, comma_backtrack=20):
+    """The number of chunks chunk_prompt makes of `text`."""
+    return len(_split_chunks(tokenizer, text, chunk_size, comma_backtrack))
 
 
 def chunk_prompt(tokenizer, text, chunk_size=75, truncate=False, comma_backtrack=20):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .weights import refuse_pickle
+from .weights import ModelLoadError, refuse_pickle, safetensors_header
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -182,6 +182,10 @@ def load_single_file(path) -> tuple[str, dict[str, dict[str, mx.array]]]:
     refuse_pickle(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    try:
+        safetensors_header(path)  # a bounded, consistent header and every tensor's bytes present
+    except ModelLoadError as e:
+        raise ValueError(str(e)) from None
     try:
         weights = mx.load(str(path), format="safetensors")
     except Exception as e:

@@ -4,6 +4,7 @@ The pipeline follows transformers/models/clip/tokenization_clip.py (a `tokenizer
 added tokens are split off (first on the raw text, then on the normalized text), the rest is
 normalized (NFC, whitespace runs -> " ", per-character lowercase), split with the CLIP regex and
 then the GPT-2 regex of the ByteLevel pre-tokenizer, and each word is BPE-encoded with `</w>`.
+Textual-inversion words (`set_embedding_tokens`) are split off the normalized text before BPE.
 """
 
 import json
@@ -70,6 +71,26 @@ class CLIPTokenizer:
         self.split_raw = _splitter({t: self.vocab[t] for t, norm in added_tokens.items() if not norm})
         self.split_normalized = _splitter({t: self.vocab[t] for t, norm in added_tokens.items() if norm})
         self.bpe = lru_cache(maxsize=1 << 16)(self._bpe)
+        self.set_embedding_tokens({})
+
+    def set_embedding_tokens(self, tokens):
+        """Textual-inversion words: {token: ids}. A token written as a word of a prompt (any case, not inside a
+        longer word) becomes its ids, taken before BPE; `embedding_lengths` maps an embedding's first id to its
+        number of ids, which stay together in one prompt chunk."""
+        self.embedding_tokens = {normalize(t): list(ids) for t, ids in tokens.items()}
+        self.embedding_lengths = {ids[0]: len(ids) for ids in self.embedding_tokens.values()}
+        self.embedding_words = {ids[0]: t for t, ids in tokens.items()}
+        words = "|".join(map(regex.escape, sorted(self.embedding_tokens, key=len, reverse=True)))
+        self.embedding_pattern = (
+            regex.compile(rf"(?<![\p{{L}}\p{{N}}])({words})(?![\p{{L}}\p{{N}}])") if words else None
+        )
+
+    def split_embeddings(self, text):
+        """[(piece, None) | (token, ids)]: text split on the embeddings' words."""
+        if self.embedding_pattern is None:
+            return [(text, None)]
+        pieces = self.embedding_pattern.split(text)
+        return [(p, self.embedding_tokens[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
 
     @classmethod
     def from_folder(cls, folder):
@@ -77,9 +98,12 @@ class CLIPTokenizer:
 
         Special tokens: tokenizer_config.json, overridden by special_tokens_map.json in legacy folders
         (SD 2.x: pad "!"); their matching flags come from `added_tokens_decoder` or tokenizer.json.
-        Missing vocab.json/merges.txt fall back to the bundled (standard CLIP) ones.
+        Missing vocab.json/merges.txt fall back to the bundled (standard CLIP) ones; a missing folder is an error
+        (its special tokens say the pad token, which differs between SD 1.x and SD 2.x).
         """
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no tokenizer folder {folder}")
         files = [folder / f if (folder / f).is_file() else ASSETS / f for f in ("vocab.json", "merges.txt")]
         config = _read_json(folder / "tokenizer_config.json")
         specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}  # class defaults
@@ -128,9 +152,13 @@ class CLIPTokenizer:
                 if piece_id is not None:
                     ids.append(piece_id)
                     continue
-                for word in CLIP_PATTERN.findall(piece):
-                    for sub in GPT2_PATTERN.findall(word):
-                        ids.extend(self.bpe("".join(self.byte_encoder[b] for b in sub.encode("utf-8"))))
+                for part, embedding_ids in self.split_embeddings(piece):
+                    if embedding_ids is not None:
+                        ids.extend(embedding_ids)
+                        continue
+                    for word in CLIP_PATTERN.findall(part):
+                        for sub in GPT2_PATTERN.findall(word):
+                            ids.extend(self.bpe("".join(self.byte_encoder[b] for b in sub.encode("utf-8"))))
         return ids
 
     def __call__(self, texts):
@@ -149,10 +177,15 @@ class CLIPTokenizer:
         return out
 
     def decode(self, ids):
-        """ids -> text, like transformers' `decode` (special tokens kept, `</w>` -> space, stripped)."""
-        text = "".join(self.id_to_token[int(i)] for i in ids)
+        """ids -> text, like transformers' `decode` (special tokens kept, `</w>` -> space, stripped); an embedding's
+        ids give its word once."""
+        text = "".join(self.id_to_token.get(int(i), self._embedding_piece(int(i))) for i in ids)
         data = bytes(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def _embedding_piece(self, i):
+        word = self.embedding_words.get(i)
+        return "" if word is None else "".join(self.byte_encoder[b] for b in word.encode("utf-8")) + "</w>"
 
 
 def _read_json(path):

@@ -386,6 +386,22 @@ class UpBlock2D(nn.Module):
         return x
 
 
+def down_blocks(config: UNetConfig, temb_channels):
+    """The UNet's (and a ControlNet's) down blocks, each halving the size but the last."""
+    channels, n = config.block_out_channels, len(config.block_out_channels)
+    return [
+        DownBlock2D(
+            config,
+            i,
+            channels[max(i - 1, 0)],
+            temb_channels,
+            cross_attention=config.down_block_types[i] == "CrossAttnDownBlock2D",
+            add_downsample=i < n - 1,
+        )
+        for i in range(n)
+    ]
+
+
 class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, config: UNetConfig, temb_channels):
         super().__init__()
@@ -423,17 +439,7 @@ class UNet2DConditionModel(nn.Module):
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_channels)
 
-        self.down_blocks = [
-            DownBlock2D(
-                config,
-                i,
-                channels[max(i - 1, 0)],
-                temb_channels,
-                cross_attention=config.down_block_types[i] == "CrossAttnDownBlock2D",
-                add_downsample=i < n - 1,
-            )
-            for i in range(n)
-        ]
+        self.down_blocks = down_blocks(config, temb_channels)
         self.mid_block = UNetMidBlock2DCrossAttn(config, temb_channels)
         rev = list(reversed(channels))
         self.up_blocks = [
@@ -455,9 +461,20 @@ class UNet2DConditionModel(nn.Module):
             channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
         )
 
-    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
         """sample (B, H, W, C); timestep: number, 0-d or (B,) array; encoder_hidden_states (B, L, D);
-        SDXL also needs text_embeds (B, 1280) and time_ids (B, 6). Returns (B, H, W, out_channels)."""
+        SDXL also needs text_embeds (B, 1280) and time_ids (B, 6). Returns (B, H, W, out_channels).
+        down_residuals (one per skip connection) and mid_residual: ControlNet outputs added to the skips and to the
+        mid block's output (diffusers' down_block_additional_residuals, mid_block_additional_residual)."""
         config = self.config
         B = sample.shape[0]
         timesteps = mx.broadcast_to(mx.array(timestep).astype(mx.float32), (B,))
@@ -477,7 +494,11 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, states = block(x, emb, encoder_hidden_states)
             skips.extend(states)
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         x = self.mid_block(x, emb, encoder_hidden_states)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             block_skips = skips[-len(block.resnets) :]
             skips = skips[: -len(block.resnets)]

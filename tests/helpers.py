@@ -3,7 +3,13 @@ pipelines shaped like the real checkpoints, and image comparisons against diffus
 
 import json
 import shutil
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import diffusers
 import mlx.core as mx
@@ -188,15 +194,67 @@ def make_pipeline(family, folder, seed=0):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_cfg, indent=2))
     pipe.scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
+    pipe.saved_scheduler_config = scheduler_cfg  # run_both builds every sampler from it, not from the last one used
     return pipe
 
 
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+# mlx_sd sampler name -> diffusers class and the options that make it that sampler
 DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_sgm_uniform": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "ddim": ("DDIMScheduler", {}),
+    "ddim_sgm_uniform": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2s_a": ("DPMSolverSinglestepScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde_exponential": ("DPMSolverMultistepScheduler", {**_SDE, "use_exponential_sigmas": True}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {**_SDE, "solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis_beta": ("DEISMultistepScheduler", {"use_beta_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+TCD_ETA = 0.3  # mlx_sd's tcd default (TCDScheduler.step's); diffusers' pipelines pass eta=0 unless told
+
+
+@contextmanager
+def injected_step_noise(scheduler, seeds, shape, tcd_eta=TCD_ETA):
+    """Makes the diffusers `scheduler` draw mlx_sd's per-step noise: at its i-th step call, the i-th array of
+    mlx_sd.pipeline.step_noise(seeds, shape) (what mlx_sd's denoising loop gives its sampler's i-th step), through
+    `randn_tensor` in the scheduler's module, or DPMSolverSDEScheduler's Brownian-tree noise sampler. Yields the
+    number of noise draws so far (a dict), so that a test can tell that the injection happened."""
+    from mlx_sd.pipeline import step_noise
+
+    noises, current, draws = step_noise(seeds, shape), {}, {"count": 0}
+    original_step = scheduler.step
+
+    def step(*args, **kwargs):
+        current["noise"] = torch.from_numpy(np.array(next(noises))).permute(0, 3, 1, 2)
+        if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
+            scheduler.noise_sampler = lambda sigma, sigma_next: randn_tensor(current["noise"].shape)
+        if isinstance(scheduler, diffusers.TCDScheduler):
+            kwargs["eta"] = tcd_eta  # the pipeline passes its own eta, 0 by default
+        return original_step(*args, **kwargs)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == tuple(current["noise"].shape)
+        draws["count"] += 1
+        return current["noise"].to(dtype or torch.float32)
+
+    module = sys.modules[type(scheduler).__module__]
+    with (
+        mock.patch.object(module, "randn_tensor", randn_tensor, create=True),
+        mock.patch.object(scheduler, "step", step),
+    ):
+        yield draws
 
 
 def run_both(
@@ -208,20 +266,30 @@ def run_both(
     steps,
     guidance_scale,
     num_images=1,
-    negative_prompt="",
+    negative_prompt=None,
     clip_skip=None,
     prompt="a photo of an astronaut riding a horse on mars",
     truncate_prompt=False,
+    reference_scheduler=None,
+    reference_kwargs=None,
+    ours_kwargs=None,
     **xl,
 ):
-    name, overrides = DIFFUSERS_SCHEDULERS[sampler]
-    reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config, **overrides)
+    """The same generation by diffusers and mlx_sd: (ours, expected) as float64 arrays (N, H, W, 3) in 0..255.
+
+    reference_scheduler: (diffusers class name, config overrides) instead of DIFFUSERS_SCHEDULERS[sampler];
+    reference_kwargs / ours_kwargs: more arguments for one side only (e.g. eta, or mlx_sd's schedule=)."""
+    name, overrides = reference_scheduler or DIFFUSERS_SCHEDULERS[sampler]
+    config = getattr(reference, "saved_scheduler_config", reference.scheduler.config)
+    reference.scheduler = getattr(diffusers, name).from_config(config, **overrides)
     rng = np.random.default_rng(width * 1000 + height + steps)
     latents = rng.standard_normal((num_images, height // 8, width // 8, 4)).astype(np.float32)
-    with torch.no_grad():
+    seeds, shape = list(range(num_images)), (height // 8, width // 8, 4)  # ours: seed 0, image i uses seed + i
+    tcd_eta = (reference_kwargs or {}).get("eta", TCD_ETA)
+    with torch.no_grad(), injected_step_noise(reference.scheduler, seeds, shape, tcd_eta):
         expected = reference(
             prompt,
-            negative_prompt=negative_prompt or None,
+            negative_prompt=negative_prompt,
             width=width,
             height=height,
             num_inference_steps=steps,
@@ -229,6 +297,7 @@ def run_both(
             num_images_per_prompt=num_images,
             latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
             clip_skip=None if clip_skip is None else clip_skip - 1,  # diffusers counts skipped layers
+            **(reference_kwargs or {}),
             **xl,
         ).images
     images = ours.generate(
@@ -244,6 +313,7 @@ def run_both(
         latents=mx.array(latents),
         clip_skip=clip_skip,
         truncate_prompt=truncate_prompt,
+        **(ours_kwargs or {}),
         **xl,
     )
     return np.stack([np.asarray(i, np.float64) for i in images]), np.stack(
@@ -259,3 +329,165 @@ def assert_images_close(ours, expected):
     print(f"\nimage difference vs diffusers: mean {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert diff.mean() <= 0.5, f"mean abs diff {diff.mean():.3f}/255"
     assert diff.max() <= 2, f"max abs diff {diff.max():.0f}/255"
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: a read-only (0o555) folder, or for root (whom modes do not
+    stop) /sys, whose kernel file system refuses new files."""
+    import os
+    import tempfile
+
+    import pytest
+
+    if os.geteuid() != 0:
+        folder = Path(tmp_path) / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no folder here refuses root's writes")
+
+
+def bomb_png(path, side=30_000):
+    """A tiny PNG file whose header claims side x side pixels: PIL refuses it as a decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header
+    ihdr[4:12] = struct.pack(">II", side, side)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+# --- the HTTP server (tests/test_server*.py) ---------------------------------------------------------------------
+
+
+def make_models_dir(folder):
+    """A models folder for the server: tiny sd1 and turbo pipelines (sd1 sorts first: the server's default)."""
+    for family in ("sd1", "turbo"):
+        make_pipeline(family, Path(folder) / family)
+    return Path(folder)
+
+
+@contextmanager
+def running_server(**config):
+    """A real mlx_sd server (uvicorn on a free 127.0.0.1 port, in a thread; float32); yields (base URL, Server)."""
+    import uvicorn
+
+    from mlx_sd.server import Server, ServerConfig
+
+    server = Server(ServerConfig(dtype="float32", **config))
+    server.start()
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (without it keep-alive requests wait ~40 ms for ACKs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    web = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not web.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        web.should_exit = True
+        thread.join()
+        server.stop()
+        sock.close()
+
+
+# --- ControlNets -------------------------------------------------------------------------------------
+
+BUNDLED_CONFIGS = Path(__file__).parent.parent / "mlx_sd" / "assets" / "configs"
+# make_pipeline family -> the ControlNet family whose real config a tiny ControlNet for it is shrunk from
+CONTROLNET_FAMILIES = {"sd1": "sd1", "sd2v": "sd2", "turbo": "sd2", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
+
+
+def controlnet_config(family):
+    """The real ControlNet config bundled for a ControlNet family (sd1: control_v11p_sd15_canny, sdxl:
+    controlnet-canny-sdxl-1.0, sd2: SD 2.1's UNet config, as diffusers' cldm_v21.yaml conversion makes it)."""
+    return json.loads((BUNDLED_CONFIGS / family / "controlnet" / "config.json").read_text())
+
+
+def make_controlnet(family, seed=0, **overrides):
+    """A random tiny diffusers ControlNetModel that fits make_pipeline(family)'s UNet: the real ControlNet config
+    shrunk as TINY_UNET shrinks the UNet's. The zero convolutions (controlnet_down_blocks, controlnet_mid_block,
+    the conditioning embedding's conv_out) get PyTorch's default init instead of zeros, and the norms random
+    weights, so that every layer counts."""
+    from diffusers import ControlNetModel
+
+    _, heads, extra = FAMILIES[family]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in controlnet_config(CONTROLNET_FAMILIES[family]).items() if not k.startswith("_")}
+    cfg.update({k: v for k, v in TINY_UNET.items() if k not in ("up_block_types", "sample_size")})
+    cfg.update({k: v for k, v in extra.items() if k != "up_block_types"})
+    context_dims = TINY_CLIP["hidden_size"] * (2 if family in XL else 1)
+    cfg.update(attention_head_dim=heads, cross_attention_dim=context_dims, **overrides)
+    model = ControlNetModel(**cfg)
+    wake_zero_convs(model)
+    _randomize_norms(model, g)
+    return model.float().eval()
+
+
+ZERO_CONVS = ("controlnet_down_blocks.", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def wake_zero_convs(controlnet):
+    """Gives a diffusers ControlNet's zero-initialised convolutions PyTorch's default init: with zeros its
+    residuals are zero, and a parity test on them proves nothing."""
+    with torch.no_grad():
+        for name, module in controlnet.named_modules():
+            if name.startswith(ZERO_CONVS) and isinstance(module, torch.nn.Conv2d):
+                module.reset_parameters()
+
+
+def control_image(width=67, height=45):
+    """An odd-sized RGB control image: light shapes (a disc and a bar) on a dark ground, edges for Canny to find."""
+    from PIL import Image
+
+    ys, xs = np.mgrid[0:height, 0:width]
+    disc = (xs - width * 0.35) ** 2 + (ys - height * 0.5) ** 2 < (min(width, height) * 0.3) ** 2
+    bar = (abs(xs - width * 0.75) < width * 0.08) & (ys > height * 0.15) & (ys < height * 0.85)
+    pixels = np.where((disc | bar)[:, :, None], [255, 240, 200], [0, 10, 30]).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@contextmanager
+def injected_noise(monkeypatch, pipe, noise, image_noise):
+    """Makes the diffusers pipeline `pipe` use `noise` (N, 4, h, w) as its start noise (`randn_tensor` of its
+    module) and `image_noise` as eps of every VAE posterior sample, the arrays mlx_sd gets as `latents=` and
+    `image_noise=`; yields the counts of draws, so that a test can tell that the injection happened."""
+    import sys
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    draws = {"posterior": 0, "noise": 0}
+
+    def sample(self, generator=None):
+        draws["posterior"] += 1
+        eps = image_noise[: self.mean.shape[0]]
+        assert eps.shape == self.mean.shape
+        return self.mean + self.std * eps
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        draws["noise"] += 1
+        assert tuple(shape) == tuple(noise.shape)
+        return noise.clone()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiagonalGaussianDistribution, "sample", sample)
+        patch.setattr(sys.modules[type(pipe).__module__], "randn_tensor", randn_tensor)
+        yield draws

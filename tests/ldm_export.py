@@ -195,3 +195,27 @@ def export_ldm(path, family, unet, vae, text_encoder, text_encoder_2=None, sgm=F
     state = {prefix + k: v.contiguous() for prefix, part in parts for k, v in part.items()}
     save_file(state, str(path))
     return path
+
+
+def controlnet_to_ldm(sd, prefix="control_model."):
+    """diffusers ControlNetModel state dict -> A1111/LDM ControlNet keys (cldm.ControlNet: the UNet-like encoder,
+    input_hint_block with its convs at even indices, zero_convs, middle_block_out), under `prefix`."""
+    blocks = sum(1 for k in sd if re.fullmatch(r"controlnet_cond_embedding\.blocks\.\d+\.weight", k))
+    own, unet = {}, {}
+    for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
+        if module == "controlnet_cond_embedding.conv_in":
+            new = "input_hint_block.0"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", module):
+            new = f"input_hint_block.{2 * (int(m[1]) + 1)}"  # Conv2d, SiLU, Conv2d, SiLU, ...
+        elif module == "controlnet_cond_embedding.conv_out":
+            new = f"input_hint_block.{2 * (blocks + 1)}"
+        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
+            new = f"zero_convs.{m[1]}.0"
+        elif module == "controlnet_mid_block":
+            new = "middle_block_out.0"
+        else:
+            unet[key] = value
+            continue
+        own[f"{new}.{param}"] = value
+    return {prefix + k: v.contiguous() for k, v in {**unet_to_ldm(unet), **own}.items()}

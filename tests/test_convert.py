@@ -22,6 +22,7 @@ from helpers import CONFIGS, SD15, SD21, SD21_BASE, SDXL, assert_images_close, m
 from ldm_export import export_ldm
 from mlx_sd import ModelLoadError, StableDiffusion, loading
 from mlx_sd import convert as convert_module
+from mlx_sd.controlnet import CONTROLNET_PROBE
 from mlx_sd.convert import convert, convert_command
 from mlx_sd.info import describe
 from mlx_sd.quantize import quantize_model
@@ -132,7 +133,12 @@ def test_bundled_configs_are_the_real_ones():
     real = {"sd1": SD15, "sd2": SD21_BASE, "sd2-v": SD21, "sdxl": SDXL}
     for name, model in real.items():
         bundled = loading.CONFIGS / name
-        files = sorted(str(f.relative_to(bundled)) for f in bundled.rglob("*") if f.is_file())
+        # controlnet/: the family's ControlNet config for single-file ControlNets (test_controlnet checks it)
+        files = sorted(
+            str(f.relative_to(bundled))
+            for f in bundled.rglob("*")
+            if f.is_file() and not f.is_relative_to(bundled / "controlnet")
+        )
         assert files == sorted(
             str(f.relative_to(CONFIGS / model))
             for f in (CONFIGS / model).rglob("*")
@@ -284,8 +290,9 @@ def test_existing_output_needs_force(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         convert(folder, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "mlx_sd.json").write_text("{}")  # a folder written by mlx-sd convert: --force replaces it
     convert(folder, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "mlx_sd.json").is_file()
+    assert not (out / "keep.txt").exists() and (out / "mlx_sd.json").read_text() != "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["mlx"]
     with pytest.raises(ValueError, match="the model being converted is in it"):
         convert(out, out, force=True)
@@ -309,11 +316,11 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, monkeypatch, exce
     assert list(tmp_path.iterdir()) == []
     # an existing output survives a failed --force conversion untouched
     (tmp_path / "mlx").mkdir()
-    (tmp_path / "mlx" / "old.txt").write_text("old")
+    (tmp_path / "mlx" / "mlx_sd.json").write_text("old")
     calls.clear()
     with pytest.raises(exception):
         convert(folder, tmp_path / "mlx", force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["mlx"] and (tmp_path / "mlx" / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["mlx"] and (tmp_path / "mlx" / "mlx_sd.json").read_text() == "old"
 
 
 class Payload:
@@ -394,7 +401,9 @@ def test_hub_sources_download_configs_and_safetensors_only(tiny, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     convert("someone/sd-model", tmp_path / "a", dtype="float32")
     convert(single, tmp_path / "b", dtype="float32", config="someone/sd-configs")
-    (repo, patterns), (config_repo, config_patterns) = asked
+    probes = [(repo, p) for repo, p in asked if p == CONTROLNET_PROBE]  # is it a ControlNet? (configs only)
+    assert probes == [("someone/sd-model", CONTROLNET_PROBE)]
+    (repo, patterns), (config_repo, config_patterns) = [a for a in asked if a[1] != CONTROLNET_PROBE]
     assert repo == "someone/sd-model" and "*/diffusion_pytorch_model.safetensors" in patterns
     assert config_repo == "someone/sd-configs"
     assert all(not p.endswith((".safetensors", ".bin", ".ckpt")) for p in config_patterns)

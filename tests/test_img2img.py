@@ -12,7 +12,6 @@ Tolerance (float32): final 8-bit images within 0.5/255 mean and 2/255 max absolu
 """
 
 import json
-from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import DIFFUSERS_SCHEDULERS, XL, assert_images_close, make_pipeline
+from helpers import DIFFUSERS_SCHEDULERS, XL, assert_images_close, injected_noise, make_pipeline
 from mlx_sd import StableDiffusion
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -97,33 +96,6 @@ def _reference_pipeline(components, family, task, sampler):
     return pipe
 
 
-@contextmanager
-def _injected(monkeypatch, pipe, noise, image_noise):
-    """Makes `pipe` use `noise` (N, 4, h, w) as its start noise and `image_noise` as eps of every VAE posterior
-    sample; counts the draws, so that a test can tell that the injection happened."""
-    import sys
-
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    draws = {"posterior": 0, "noise": 0}
-
-    def sample(self, generator=None):
-        draws["posterior"] += 1
-        eps = image_noise[: self.mean.shape[0]]
-        assert eps.shape == self.mean.shape
-        return self.mean + self.std * eps
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        draws["noise"] += 1
-        assert tuple(shape) == tuple(noise.shape)
-        return noise.clone()
-
-    with monkeypatch.context() as patch:
-        patch.setattr(DiagonalGaussianDistribution, "sample", sample)
-        patch.setattr(sys.modules[type(pipe).__module__], "randn_tensor", randn_tensor)
-        yield draws
-
-
 def run_both(
     monkeypatch,
     pipelines,
@@ -178,13 +150,13 @@ def run_both(
                 for m in (mask, diffusers_mask)
             )
             assert not torch.equal(sharp, blurred)
-    with _injected(monkeypatch, reference, to_torch(noise), to_torch(image_noise)[:1]) as draws, torch.no_grad():
+    with injected_noise(monkeypatch, reference, to_torch(noise), to_torch(image_noise)[:1]) as draws, torch.no_grad():
         expected = reference(PROMPT, image=image, **kwargs).images
     assert draws["noise"] == 1 and draws["posterior"] >= 1
 
     images = ours.generate(
         PROMPT,
-        negative_prompt=negative_prompt,
+        negative_prompt=negative_prompt or None,
         image=image if ours_image is None else ours_image,
         strength=strength,
         mask=mask if ours_mask is None else ours_mask,
@@ -215,6 +187,7 @@ IMG2IMG_CASES = [
     ("sd1", "ddim", 4, 0.5, 5.0, 2),
     ("sd1", "dpmpp_2m_karras", 3, 1.0, 7.5, 1),  # full schedule; diffusers still noises the image latents
     ("sd1", "dpmpp_2m", 10, 0.15, 1.0, 1),  # int(1.5) = 1 step left
+    ("sd1", "heun", 4, 0.5, 7.5, 1),  # two timesteps per step: the tail starts at 2 * (steps - kept)
     ("sd2v", "ddim", 4, 0.6, 7.5, 1),
     ("turbo", "euler", 2, 0.5, 0.0, 1),  # the SD-Turbo img2img recipe: steps * strength = 1
     ("sdxl", "euler", 10, 0.3, 7.5, 1),  # the SDXL img2img default strength: 3 of 10 steps

@@ -27,19 +27,22 @@ def pipelines(tmp_path_factory):
 
 
 CASES = [
-    # family, sampler, width, height, steps, guidance, num_images, negative prompt
+    # family, sampler, width, height, steps, guidance, num_images, negative prompt (None: none)
     ("sd1", "euler", 64, 48, 4, 7.5, 2, "blurry, low quality"),
-    ("sd1", "dpmpp_2m_karras", 48, 64, 6, 1.0, 1, ""),
-    ("sd1", "ddim", 64, 64, 3, 5.0, 1, ""),
+    ("sd1", "dpmpp_2m_karras", 48, 64, 6, 1.0, 1, None),
+    ("sd1", "ddim", 64, 64, 3, 5.0, 1, None),
+    ("sd1", "euler", 48, 48, 2, 7.5, 1, ""),
     ("sd2v", "ddim", 48, 64, 4, 7.5, 1, "ugly"),
-    ("sd2v", "dpmpp_2m", 64, 40, 5, 0.0, 1, ""),
-    ("turbo", "euler", 64, 64, 1, 0.0, 1, ""),
-    ("turbo", "euler", 40, 56, 4, 0.0, 2, ""),
-    # SDXL: an empty negative prompt is zero embeddings (force_zeros_for_empty_prompt), a non-empty one is encoded
-    ("sdxl", "euler", 64, 48, 3, 7.5, 1, ""),
+    ("sd2v", "dpmpp_2m", 64, 40, 5, 0.0, 1, None),
+    ("turbo", "euler", 64, 64, 1, 0.0, 1, None),
+    ("turbo", "euler", 40, 56, 4, 0.0, 2, None),
+    # SDXL: no negative prompt is zero embeddings (force_zeros_for_empty_prompt); "" is encoded like any text
+    ("sdxl", "euler", 64, 48, 3, 7.5, 1, None),
+    ("sdxl", "euler", 64, 48, 3, 5.0, 1, ""),
     ("sdxl", "dpmpp_2m_karras", 48, 64, 4, 5.0, 2, "blurry"),
-    ("sdxl", "ddim", 56, 40, 3, 1.0, 1, ""),
-    ("sdxl_turbo", "euler", 64, 64, 1, 0.0, 1, ""),
+    ("sdxl", "ddim", 56, 40, 3, 1.0, 1, None),
+    ("sdxl_turbo", "euler", 64, 64, 1, 0.0, 1, None),
+    ("sdxl_turbo", "euler", 48, 48, 2, 5.0, 2, ""),
 ]
 
 
@@ -101,10 +104,11 @@ def test_seed_is_reproducible_and_reported(pipelines):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(width=60), "multiples of 8"),
-        (dict(steps=0), "steps must be at least 1"),
+        (dict(width=60), "multiple of 8"),
+        (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(guidance_scale=-1), "guidance scale"),
-        (dict(sampler="plms"), "unknown sampler"),
+        (dict(sampler="dpm_fast"), "unknown sampler"),
+        (dict(steps=1001), "steps must be between 1 and 1000"),
         (dict(latents=mx.zeros((1, 4, 4, 4))), "latents must have shape"),
     ],
 )
