@@ -532,14 +532,18 @@ class CompiledUNet:
         self._structure = None
         self._forward = None
 
-    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, **residuals):
+        """As UNet2DConditionModel.__call__ (ControlNet's down_residuals / mid_residual included)."""
         structure = module_structure(self.unet)
         if structure != self._structure:
             self._forward = mx.compile(self.unet.__call__, inputs=self.unet.state)
             self._structure = structure
         timesteps = mx.broadcast_to(mx.array(timestep).astype(mx.float32), (sample.shape[0],))
+        down, mid = residuals.pop("down_residuals", None), residuals.pop("mid_residual", None)
+        if residuals:
+            raise TypeError(f"unexpected arguments: {', '.join(residuals)}")
         with whole_images():  # a trace cannot evaluate the convolutions' row blocks
-            return self._forward(sample, timesteps, encoder_hidden_states, text_embeds, time_ids)
+            return self._forward(sample, timesteps, encoder_hidden_states, text_embeds, time_ids, down, mid)
 
 
 def module_structure(model: nn.Module):

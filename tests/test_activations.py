@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_sd.activations import exp_nonpositive, fast_path, gelu, silu
-from mlx_sd.attention import attention
+from mlx_sd.attention import attention, row_max
 
 
 def inputs(shape=(3, 517, 129), scale=4.0, seed=0):
@@ -64,7 +64,9 @@ def test_activations_under_compile_strided_and_float16(ours, theirs):
     np.testing.assert_array_equal(np.array(ours(half)), np.array(theirs(half)))
 
 
-@pytest.mark.parametrize("lq, lk, block", [(300, 300, 2**24), (300, 77, 2**24), (300, 300, 1000), (5, 9, 1)])
+@pytest.mark.parametrize(
+    "lq, lk, block", [(300, 300, 2**24), (300, 77, 2**24), (300, 300, 1000), (5, 9, 1), (40, 1088, 30000)]
+)
 def test_attention_matches_float64(lq, lk, block, monkeypatch):
     """float32, one or many query blocks, against float64: max abs error <= 3e-6 x max |output| (MLX's fused
     kernel and torch measured 1.0-1.2e-6 x, ours 1.0-1.4e-6 x)."""
@@ -77,6 +79,13 @@ def test_attention_matches_float64(lq, lk, block, monkeypatch):
     expected = (weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64)
     got = np.array(attention(mx.array(q), mx.array(k), mx.array(v), 40**-0.5))
     np.testing.assert_allclose(got, expected, atol=3e-6 * np.abs(expected).max(), rtol=0)
+
+
+def test_row_max_is_the_maximum():
+    """row_max's pieces-first maximum (rows of 1024+ elements, multiples of 64) equals the maximum exactly."""
+    for n in (77, 1024, 4096, 1000):
+        x = mx.random.normal((2, 3, 5, n), key=mx.random.key(n))
+        np.testing.assert_array_equal(np.array(row_max(x)), np.array(x.max(axis=-1, keepdims=True)))
 
 
 def test_attention_float16_matches_mlx():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_sd.activations import silu
-from mlx_sd.convolution import conv3x3, upsample2x
+from mlx_sd.convolution import conv3x3, shifted_conv3x3, shifted_products, upsample2x
 from mlx_sd.quantize import QuantizedConv2d
 
 
@@ -51,3 +51,28 @@ def test_row_blocks_bound_the_unfolded_input():
     base = mx.get_active_memory()
     mx.eval(conv3x3(conv, x))
     assert mx.get_peak_memory() - base < 2 * x.nbytes
+
+
+@pytest.mark.parametrize("batch, height, width, bias", [(2, 64, 64, True), (1, 5, 7, False), (3, 9, 4, True)])
+def test_shifted_products_match_the_convolution(batch, height, width, bias):
+    """shifted_conv3x3 (nine shifted matrix products on the padded, flattened images) against MLX's convolution:
+    within float32 rounding, image borders and several images included."""
+    conv = nn.Conv2d(64, 80, 3, padding=1, bias=bias)
+    x = mx.random.normal((batch, height, width, 64), key=mx.random.key(height))
+    got = shifted_conv3x3(x, conv.weight, conv.bias if bias else None)
+    np.testing.assert_allclose(np.array(got), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_shifted_row_blocks_equal_shifted_whole_image(upsample, monkeypatch):
+    """A convolution large enough for the shifted products, in row blocks and in one call, and MLX's convolution:
+    within float32 rounding (BLAS may sum a product's terms in another order for another number of rows)."""
+    B, H, W, C = 2, 64, 64, 64
+    conv = nn.Conv2d(C, 64, 3, padding=1)
+    x = mx.random.normal((B, H, W, C), key=mx.random.key(5))
+    assert shifted_products(conv, x, 2 if upsample else 1)
+    whole = np.array(conv3x3(conv, x, silu, upsample))
+    monkeypatch.setattr("mlx_sd.convolution.CONV_BLOCK", 3 * B * 2 * W * C * 7)
+    np.testing.assert_allclose(np.array(conv3x3(conv, x, silu, upsample)), whole, rtol=1e-5, atol=1e-6)
+    expected = conv(silu(upsample2x(x) if upsample else x))
+    np.testing.assert_allclose(whole, np.array(expected), rtol=1e-5, atol=1e-5)

@@ -184,6 +184,27 @@ def test_compiled_unet_reads_current_weights_and_structure(tiny):
     assert np.abs(check() - third).max() > 0
 
 
+def test_compiled_unet_takes_controlnet_residuals(tiny):
+    """compile_unet with ControlNet's down_residuals / mid_residual equals the eager UNet with them."""
+    config, _, ours, _ = tiny
+    inputs = make_inputs(config, 2, 8, 6)
+    sample, context = nchw_to_nhwc(inputs["sample"]), to_mx(inputs["encoder_hidden_states"])
+    emb = mx.zeros((2, ours.time_embedding.linear_2.weight.shape[0]))
+    x = ours.conv_in(sample)
+    shapes = [x.shape]
+    for block in ours.down_blocks:  # the skips' shapes
+        x, states = block(x, emb, context)
+        shapes += [s.shape for s in states]
+    down = [mx.random.normal(shape, key=mx.random.key(i)) for i, shape in enumerate(shapes)]
+    residuals = dict(down_residuals=down, mid_residual=mx.random.normal(x.shape, key=mx.random.key(99)))
+    extra = {k: to_mx(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
+    expected = ours(sample, 500.0, context, **extra, **residuals)
+    without = ours(sample, 500.0, context, **extra)
+    got = compile_unet(ours)(sample, 500.0, context, **extra, **residuals)
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-6, rtol=1e-6)
+    assert np.abs(np.array(expected) - np.array(without)).max() > 1e-3
+
+
 def test_unet_in_row_blocks_matches_diffusers(tiny, monkeypatch):
     """The UNet with its 3x3 convolutions in blocks of 3 rows (convolution.conv3x3: norms, activations,
     upsampling and residuals inside the blocks) against diffusers; same tolerance as whole images."""
