@@ -478,7 +478,8 @@ def bench_component(ref, component, args):
         ratio = np.median(np.array(times[name]) / np.array(times["mlx_sd"])) if "mlx_sd" in times else float("nan")
         diff = np.abs(outputs[name] - outputs[first]).max()
         print(
-            f"  {name:<15} {np.median(times[name]):8.2f} s  {ratio:5.2f}x mlx_sd  (CPU time {np.median(cpu[name]):7.2f} s)"
+            f"  {name:<15} {np.median(times[name]):8.2f} s  {ratio:5.2f}x mlx_sd"
+            f"  (CPU time {np.median(cpu[name]):7.2f} s)"
             f"  max |out - {first}| {diff:.2e}"
         )
     del runners
