@@ -103,8 +103,11 @@ def test_low_memory_frees_text_encoders_and_gives_the_same_image(sd1):
     first = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]
     assert lean.text_encoder is None  # freed after encoding
     second = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]  # reloaded for the next prompt
-    assert np.array_equal(np.asarray(first), np.asarray(expected))
-    assert np.array_equal(np.asarray(second), np.asarray(expected))
+    # low_memory runs the guided batch's halves as two calls: float32 rounding may differ by a last bit, which
+    # can move a pixel by one level; the two low_memory images take the same path and are identical
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    difference = np.abs(np.asarray(first, np.int16) - np.asarray(expected, np.int16))
+    assert difference.max() <= 1 and difference.mean() < 0.01
 
 
 def test_unload_and_context_manager(sd1):
