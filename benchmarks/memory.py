@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from compare import CONFIGS, MODELS  # noqa: E402  (this script's folder is on sys.path)
+from sdxl_memory import randomize, reset_rss_peak, rss_peak  # noqa: E402
 
 from mlx_sd.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from mlx_sd.pipeline import StableDiffusion, StableDiffusionXL  # noqa: E402
@@ -41,29 +43,7 @@ from mlx_sd.tokenizer import CLIPTokenizer  # noqa: E402
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL  # noqa: E402
 
-CONFIGS = ROOT / "tests" / "configs"
-MODELS = {
-    "sd15": "runwayml--stable-diffusion-v1-5",
-    "sd21base": "stabilityai--stable-diffusion-2-1-base",
-    "sdturbo": "stabilityai--sd-turbo",
-    "sdxl": "stabilityai--stable-diffusion-xl-base-1.0",
-    "sdxlturbo": "stabilityai--sdxl-turbo",
-}
 GiB = 2**30
-STD = 0.02
-
-
-def randomize(model, dtype):
-    """Every parameter N(0, STD) in `dtype` (norm scales N(1, STD)), one at a time, so that the modules' lazy
-    float32 initialisation is never computed."""
-    weights = []
-    for name, p in tree_flatten(model.parameters()):
-        scale_of_norm = "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight")
-        w = mx.random.normal(p.shape, dtype=dtype, loc=1.0 if scale_of_norm else 0.0, scale=STD)
-        mx.eval(w)
-        weights.append((name, w))
-    model.load_weights(weights, strict=True)
-    return model
 
 
 def component(model_name, name, dtype, bits=None, convolutions=False):
@@ -86,7 +66,7 @@ def tokenizer(model_name, name="tokenizer"):
 
 
 def build(args):
-    """The pipeline with random weights; low_memory reloads (random) text encoders when it needs them again."""
+    """The pipeline with random weights (one generation: low_memory frees the text encoders after encoding)."""
     dtype = getattr(mx, args.dtype)
     xl = (CONFIGS / MODELS[args.model] / "text_encoder_2").is_dir()
 
@@ -99,38 +79,17 @@ def build(args):
     vae_dtype = mx.float32 if dtype == mx.float16 and vae_cfg.get("force_upcast", True) else dtype
     vae = component(args.model, "vae", vae_dtype)
     scheduler = json.loads((CONFIGS / MODELS[args.model] / "scheduler" / "scheduler_config.json").read_text())
+    family = {"sd15": "sd1", "sd21base": "sd2", "sdturbo": "sd2"}.get(args.model, "sdxl")
+    components = dict(tokenizer=tokenizer(args.model), unet=unet, vae=vae)
     if xl:
         te, te2 = encoders()
-        pipe = StableDiffusionXL(
-            tokenizer(args.model), te, tokenizer(args.model, "tokenizer_2"), te2, unet, vae, scheduler, dtype
-        )
-
-        def reload(p):
-            p.text_encoder, p.text_encoder_2 = encoders()
+        components.update(text_encoder=te, tokenizer_2=tokenizer(args.model, "tokenizer_2"), text_encoder_2=te2)
+        pipe = StableDiffusionXL(components, scheduler, dtype, family=family)
     else:
-        pipe = StableDiffusion(tokenizer(args.model), encoders()[0], unet, vae, scheduler, dtype)
-
-        def reload(p):
-            p.text_encoder = encoders()[0]
-
+        components.update(text_encoder=encoders()[0])
+        pipe = StableDiffusion(components, scheduler, dtype, family=family)
     pipe.low_memory = args.low_memory
-    pipe.reload_text_encoders = reload
     return pipe
-
-
-def rss_reset():
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_peak():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 class Phases:
@@ -170,7 +129,7 @@ class Phases:
     def begin(self):
         gc.collect()
         mx.reset_peak_memory()
-        self.rss_ok = rss_reset()
+        self.rss_ok = reset_rss_peak()
         self.start = time.perf_counter()
 
     def end(self, name):
