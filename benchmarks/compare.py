@@ -192,14 +192,16 @@ def mlx_sd_image_runner(ref, args):
     )
     tokenizer = CLIPTokenizer.from_folder(tokenizer_folder)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    parts = dict(unet=ref.mlx_model("unet", quantized=True), vae=ref.mlx_model("vae"), scheduler_config=scheduler)
+    components = dict(tokenizer=tokenizer, unet=ref.mlx_model("unet", quantized=True), vae=ref.mlx_model("vae"))
     dtype = getattr(mx, args.dtype)
     encoders = [ref.mlx_model(name, quantized=True) for name in text_components(args.model)]
+    components["text_encoder"] = encoders[0]
     if len(encoders) == 2:
-        tokenizer_2 = CLIPTokenizer.from_folder(folder / "tokenizer_2")
-        pipe = StableDiffusionXL(tokenizer, encoders[0], tokenizer_2, encoders[1], dtype=dtype, **parts)
+        components.update(tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2"), text_encoder_2=encoders[1])
+        pipe = StableDiffusionXL(components, scheduler, dtype=dtype, family="sdxl")
     else:
-        pipe = StableDiffusion(tokenizer, encoders[0], dtype=dtype, **parts)
+        family = "sd1" if args.model == "sd15" else "sd2"
+        pipe = StableDiffusion(components, scheduler, dtype=dtype, family=family)
     size = args.size
 
     def run():
@@ -258,7 +260,11 @@ def diffusers_image_runner(ref, args, device, dtype):
     tokenizers = []
     for sub in ("tokenizer", "tokenizer_2")[: len(text_components(args.model))]:
         src = folder / sub if (folder / sub).is_dir() else CONFIGS / MODELS["sd21base"] / "tokenizer"
-        tokenizers.append(CLIPTokenizer(str(assets / "vocab.json"), str(assets / "merges.txt"), **_special_tokens(src)))
+        tokenizers.append(
+            CLIPTokenizer(
+                str(assets / "vocab.json"), str(assets / "merges.txt"), model_max_length=77, **_special_tokens(src)
+            )
+        )
     models = {c: ref.torch_model(c).to(device, dtype) for c in ["unet", *text_components(args.model)]}
     vae = ref.torch_model("vae").to(device, dtype)
     if len(tokenizers) == 2:
