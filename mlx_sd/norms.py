@@ -9,7 +9,9 @@ class GroupNorm(nn.GroupNorm):
 
     MLX's version transposes the groups together and back: five temporaries of the input's size (640 MiB at
     the VAE decoder's 512x512x128). This one keeps one, and its two-pass variance is the more accurate (max
-    error 8e-5 against float64 where MLX's is 4e-3, for 1M values per group of mean 1 and deviation 3).
+    error 3e-6 against float64 where MLX's is 4e-3, for 1M values per group of mean 1 and deviation 3). Its
+    sums run per channel over each row, then over the rows, then over the group's channels: reducing the (pixels, group,
+    channel) axes of a grouped view directly took 0.3 s per pass at 512x512x128 on the CPU backend, 0.01 s so.
     `normalizer` gives the normalization with the statistics of a whole image, to apply to blocks of rows."""
 
     def __call__(self, x):
@@ -20,9 +22,14 @@ class GroupNorm(nn.GroupNorm):
         if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
             return super().__call__
         B, H, W, C = x.shape
-        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups)  # (B, H*W, groups, C / groups)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        inv_std = mx.rsqrt(mx.square(g - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
+        G, n = self.num_groups, H * W * (C // self.num_groups)
+
+        def group_sums(t):  # (B, H, W, C) -> (B, 1, G, 1): per-channel sums over rows, then columns (fast)
+            return t.sum(axis=2).sum(axis=1).reshape(B, G, -1).sum(axis=-1).reshape(B, 1, G, 1)
+
+        mean = group_sums(x) / n
+        per_channel = mx.broadcast_to(mean.reshape(B, G, 1), (B, G, C // G)).reshape(B, 1, 1, C)
+        inv_std = mx.rsqrt(group_sums(mx.square(x - per_channel)) / n + self.eps)
         w, b = (p.reshape(self.num_groups, -1) for p in (self.weight, self.bias))
 
         def normalize(rows):
