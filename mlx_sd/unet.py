@@ -143,9 +143,6 @@ def _frequencies(half, freq_shift, max_period):
 
 def upsample_nearest(x, size):
     """F.interpolate(mode="nearest", size=size) on NHWC: source index floor(dst * (in / out)) in float32, as PyTorch."""
-    B, H, W, C = x.shape
-    if tuple(size) == (2 * H, 2 * W):  # each pixel twice along each axis: a broadcast, 2-7x faster than a gather
-        return mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
     for axis, out in zip((1, 2), size):
         n = x.shape[axis]
         scale = mx.array(n, dtype=mx.float32) / out
@@ -302,7 +299,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x, size):
-        if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+        if tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):  # exact 2x: convolution.upsample2x's broadcast
             return conv3x3(self.conv, x, upsample=True)
         return self.conv(upsample_nearest(x, size))
 
