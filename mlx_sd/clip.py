@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import compute_dtype
+
 _ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}  # gelu_fast_approx is x * sigmoid(1.702 x)
 
 
@@ -64,14 +66,18 @@ class CLIPTextEmbeddings(nn.Module):
             self._extra = vectors
 
     def __call__(self, input_ids):
+        """(B, L, hidden) in the compute dtype of the weights' (activations.compute_dtype)."""
         L = input_ids.shape[1]
+        position = self.position_embedding.weight[:L]
+        dtype = compute_dtype(position.dtype)
+        position = position.astype(dtype)
         if "_extra" not in self:
-            return self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, hidden)
+            return self.token_embedding(input_ids).astype(dtype) + position
         extra_ids = input_ids - self.vocab_size
         is_extra = extra_ids >= 0
         tokens = self.token_embedding(mx.where(is_extra, 0, input_ids))
         extra = self._extra[mx.clip(extra_ids, 0, self._extra.shape[0] - 1)].astype(tokens.dtype)
-        return mx.where(is_extra[..., None], extra, tokens) + self.position_embedding.weight[:L]
+        return mx.where(is_extra[..., None], extra, tokens).astype(dtype) + position
 
 
 class CLIPAttention(nn.Module):

@@ -19,6 +19,8 @@ from contextvars import ContextVar
 import mlx.core as mx
 import mlx.nn as nn
 
+from .quantize import QuantizedConv2d
+
 _WHOLE_IMAGES = ContextVar("whole_images", default=False)
 
 # unfolded-input elements per block (8M: 32 MiB in float32; products of at least 1,800 x 4,608 x C)
@@ -65,20 +67,29 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
 
 
 def shifted_products(conv, x, scale=1):
-    """Whether conv3x3 computes `conv` on x as nine shifted matrix products (see shifted_conv3x3): a float32
-    nn.Conv2d on the CPU backend with at least SHIFTED_MIN_PIXELS output pixels and 64 channels in and out."""
+    """Whether conv3x3 computes `conv` on x as nine shifted matrix products (see shifted_conv3x3): an nn.Conv2d or
+    QuantizedConv2d on float32 x on the CPU backend (its weights in any dtype, promoted to float32 for the call),
+    with at least SHIFTED_MIN_PIXELS output pixels and 64 channels in and out."""
     B, H, W, C = x.shape
     return (
-        type(conv) is nn.Conv2d
-        and conv.weight.dtype == x.dtype == mx.float32
+        type(conv) in (nn.Conv2d, QuantizedConv2d)
+        and x.dtype == mx.float32
         and mx.default_device() == mx.cpu
         and B * H * W * scale * scale >= SHIFTED_MIN_PIXELS
-        and min(C, conv.weight.shape[0]) >= 64
+        and min(C, _kernel_shape(conv)[0]) >= 64
     )
 
 
+def _kernel_shape(conv):
+    return conv.kernel_shape if isinstance(conv, QuantizedConv2d) else conv.weight.shape
+
+
 def _shifted(conv):
-    return lambda x: shifted_conv3x3(x, conv.weight, conv.bias if "bias" in conv else None)
+    def run(x):
+        weight = conv.kernel() if isinstance(conv, QuantizedConv2d) else conv.weight
+        return shifted_conv3x3(x, weight.astype(mx.float32), conv.bias if "bias" in conv else None)
+
+    return run
 
 
 def shifted_conv3x3(x, weight, bias=None):

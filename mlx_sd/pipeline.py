@@ -15,6 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .activations import compute_dtype
 from .adapter_files import embedding_hash, extract_lora_tags, find_lora, lora_hash
 from .controlnet import control_residuals, prepare_controls
 from .hub import resolve_variant
@@ -157,6 +158,11 @@ class StableDiffusion:
         self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to reload text encoders
 
     @property
+    def compute_dtype(self):
+        """The dtype of the activations: `dtype`, but float32 on MLX's CPU backend (see activations.compute_dtype)."""
+        return compute_dtype(self.dtype)
+
+    @property
     def models(self):
         """The names of the model components: text encoder(s), unet, vae."""
         return [encoder for _, encoder in self.text_encoders] + ["unet", "vae"]
@@ -267,7 +273,7 @@ class StableDiffusion:
 
         chunks = chunk_texts(self.tokenizer, texts, truncate)
         embeds, _ = encode_chunks(self.text_encoder, chunks, select)
-        return Conditioning(embeds.astype(self.dtype), guidance)
+        return Conditioning(embeds.astype(self.compute_dtype), guidance)
 
     def denoise(
         self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None, controls=()
@@ -284,11 +290,11 @@ class StableDiffusion:
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
-            residuals = control_residuals(controls, x.astype(self.dtype), t, conditioning, i, len(timesteps))
+            residuals = control_residuals(controls, x.astype(self.compute_dtype), t, conditioning, i, len(timesteps))
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            out = self.predict(x.astype(self.dtype), t, conditioning, residuals).astype(mx.float32)
+            out = self.predict(x.astype(self.compute_dtype), t, conditioning, residuals).astype(mx.float32)
             if conditioning.guidance:
                 out_uncond, out_text = mx.split(out, 2)
                 out = out_uncond + guidance_scale * (out_text - out_uncond)
@@ -333,7 +339,7 @@ class StableDiffusion:
         z = latents / self.vae.config.scaling_factor
         if self.vae.config.shift_factor is not None:
             z = z + self.vae.config.shift_factor
-        z = z.astype(self.vae.decoder.conv_in.weight.dtype)
+        z = z.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype))
         if tiled and should_tile(z.shape[1], z.shape[2]):
             images = []
             for i in range(z.shape[0]):
@@ -410,7 +416,7 @@ class StableDiffusion:
         scheduler.set_timesteps(s.steps)
         guided = s.guidance_scale > 1
         controls = prepare_controls(s.controlnet or [], self.unet.config, s.width, s.height, s.num_images, guided,
-                                    self.dtype)  # fmt: skip
+                                    self.compute_dtype)  # fmt: skip
         timings, tic = {}, time.perf_counter()
         timesteps, inpaint = scheduler.timesteps, None
         if s.image is None:
@@ -460,7 +466,7 @@ class StableDiffusion:
 
     def encode_image(self, pixels, eps):
         """Pixels (1, H, W, 3) in [-1, 1] -> scaled latents of the VAE posterior sample mean + std * eps (N, ...)."""
-        mean, logvar = self.vae.encode(pixels.astype(self.vae.decoder.conv_in.weight.dtype))
+        mean, logvar = self.vae.encode(pixels.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype)))
         sample = mean.astype(mx.float32) + mx.exp(0.5 * logvar.astype(mx.float32)) * eps
         if self.vae.config.shift_factor is not None:
             sample = sample - self.vae.config.shift_factor
@@ -481,7 +487,7 @@ class StableDiffusion:
         guided = settings.guidance_scale > 1 and not self.low_memory
         batch = settings.num_images * (2 if guided else 1)
         pixels = settings.width * settings.height
-        bytes_per_value = 2 if self.dtype in (mx.float16, mx.bfloat16) else 4
+        bytes_per_value = 2 if self.compute_dtype in (mx.float16, mx.bfloat16) else 4
         step = batch * pixels * 300 * bytes_per_value  # about 1.2 KB per pixel in float32 (SDXL, measured)
         if mx.default_device().type == mx.DeviceType.cpu:
             # the CPU backend's attention materialises the scores of the first attention level: heads x tokens^2
@@ -606,14 +612,15 @@ class StableDiffusionXL(StableDiffusion):
             b = len(negative_prompts)
             embeds = mx.concatenate([mx.zeros_like(embeds[:b]), embeds[b:]])
             pooled = mx.concatenate([mx.zeros_like(pooled[:b]), pooled[b:]])
-        return Conditioning(embeds.astype(self.dtype), guidance, {"text_embeds": pooled.astype(self.dtype)})
+        dtype = self.compute_dtype
+        return Conditioning(embeds.astype(dtype), guidance, {"text_embeds": pooled.astype(dtype)})
 
     def add_size_conditioning(self, conditioning, settings):
         """Adds SDXL's six time ids: original size, crop top-left, target size (each (height, width))."""
         size = (settings.height, settings.width)
         time_ids = [*(settings.original_size or size), *settings.crops_coords_top_left, *(settings.target_size or size)]
         batch = conditioning.embeds.shape[0]
-        time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.dtype), (batch, 6))
+        time_ids = mx.broadcast_to(mx.array(time_ids, dtype=self.compute_dtype), (batch, 6))
         return Conditioning(conditioning.embeds, conditioning.guidance, {**conditioning.extra, "time_ids": time_ids})
 
 

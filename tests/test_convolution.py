@@ -76,3 +76,24 @@ def test_shifted_row_blocks_equal_shifted_whole_image(upsample, monkeypatch):
     np.testing.assert_allclose(np.array(conv3x3(conv, x, silu, upsample)), whole, rtol=1e-5, atol=1e-6)
     expected = conv(silu(upsample2x(x) if upsample else x))
     np.testing.assert_allclose(whole, np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["float16", "quantized"])
+def test_shifted_products_take_float16_and_quantized_kernels(kind):
+    """On float32 activations, float16 and quantized kernels are promoted to float32 for the shifted products
+    (activations.compute_dtype): MLX's convolution of the same promoted kernel, within float32 rounding."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the shifted products are a CPU path")
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    if kind == "float16":
+        conv.set_dtype(mx.float16)
+        kernel = conv.weight.astype(mx.float32)
+    else:
+        conv = QuantizedConv2d(conv, 64, 4)
+        kernel = conv.kernel().astype(mx.float32)
+    x = mx.random.normal((2, 64, 64, 64), key=mx.random.key(6))
+    assert shifted_products(conv, x)
+    got = conv3x3(conv, x)
+    assert got.dtype == mx.float32
+    expected = mx.conv2d(x, kernel, padding=1) + conv.bias.astype(mx.float32)
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
