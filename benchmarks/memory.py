@@ -1,7 +1,7 @@
 """Peak memory of a whole generation, phase by phase: text encoding, denoising, decoding.
 
     python benchmarks/memory.py --model sd15 --dtype float16 --size 512 --steps 1 [--quantize 4 [--q-convs]]
-        [--low-memory] [--free-unet] [--clear-cache]
+        [--low-memory] [--free-unet] [--clear-cache] [--folder DIR]
 
 (on Linux with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 for MLX's CPU backend).
 The pipeline is built from tests/configs' real configs with random N(0, 0.02) weights made directly in MLX
@@ -14,21 +14,26 @@ runs, with the pipeline's low_memory mode if asked.
 Printed per phase: MLX's peak allocation (mx.get_peak_memory, reset at the phase's start: weights included),
 the process's peak resident memory during the phase (VmHWM, reset through /proc/self/clear_refs where Linux
 allows), and the phase's time; then the whole generation's MLX peak and the phase where it happened.
---free-unet drops the UNet before decoding (what low_memory could do); --clear-cache empties MLX's buffer
-cache after each phase (mx.clear_cache: lowers RSS, not MLX's peak).
+--folder DIR writes the random model once as an `mlx-sd convert` folder (weights in --dtype, quantized as
+asked; reused when DIR holds one) and loads it with `from_pretrained`, as users do: only then can low_memory free
+each model after its phase and read it again (a pipeline made from components keeps them all), and the phases'
+peaks include reading the models. --free-unet drops the UNet before decoding (components only); --clear-cache
+empties MLX's buffer cache after each phase (mx.clear_cache: lowers RSS, not MLX's peak).
 
-On a CPU without fast float16 matrix products (x86 here: ~3 GFLOP/s) a float16 512x512 step takes many
-minutes; the peaks do not depend on the speed.
+On MLX's CPU backend float16 and quantized weights are computed in float32 (activations.compute_dtype,
+quantize.QuantizedLinear): float32 activations, float16 / quantized weights at rest.
 """
 
 import argparse
 import gc
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,6 +42,7 @@ from compare import CONFIGS, MODELS  # noqa: E402  (this script's folder is on s
 from sdxl_memory import randomize, reset_rss_peak, rss_peak  # noqa: E402
 
 from mlx_sd.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mlx_sd.loading import bundled_config  # noqa: E402
 from mlx_sd.pipeline import StableDiffusion, StableDiffusionXL  # noqa: E402
 from mlx_sd.quantize import quantize_model  # noqa: E402
 from mlx_sd.tokenizer import CLIPTokenizer  # noqa: E402
@@ -66,7 +72,7 @@ def tokenizer(model_name, name="tokenizer"):
 
 
 def build(args):
-    """The pipeline with random weights (one generation: low_memory frees the text encoders after encoding)."""
+    """The pipeline with random weights, made from components (low_memory cannot free them: see --folder)."""
     dtype = getattr(mx, args.dtype)
     xl = (CONFIGS / MODELS[args.model] / "text_encoder_2").is_dir()
 
@@ -89,6 +95,44 @@ def build(args):
         components.update(text_encoder=encoders()[0])
         pipe = StableDiffusion(components, scheduler, dtype, family=family)
     pipe.low_memory = args.low_memory
+    return pipe
+
+
+def save_folder(pipe, args, folder):
+    """Writes the pipeline's models as an `mlx-sd convert` folder (MLX layout, quantized layers as saved)."""
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    source = CONFIGS / MODELS[args.model]
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns("tokenizer*"))
+    bundled = bundled_config(pipe.family)
+    for tokenizer_name, _ in pipe.text_encoders:
+        shutil.copytree(bundled / tokenizer_name, work / tokenizer_name)
+        shutil.copytree(ROOT / "mlx_sd" / "assets" / "clip_tokenizer", work / tokenizer_name, dirs_exist_ok=True)
+    for name in pipe.models:
+        model = getattr(pipe, name)
+        config = json.loads((source / name / "config.json").read_text())
+        if args.quantize and name != "vae":
+            config["quantization"] = {"group_size": 64, "bits": args.quantize}
+            if args.q_convs and name == "unet":
+                config["quantization"]["convolutions"] = True
+        (work / name / "config.json").write_text(json.dumps(config, indent=2))
+        mx.save_safetensors(str(work / name / "mlx_model.safetensors"), dict(tree_flatten(model.parameters())))
+    manifest = dict(format="mlx_sd", format_version=1, source="benchmarks/memory.py", family=pipe.family)
+    manifest.update(dtype=args.dtype, prediction_type="epsilon", quantization=args.quantize)
+    (work / "mlx_sd.json").write_text(json.dumps(manifest, indent=2))
+    work.rename(folder)
+
+
+def load(args):
+    """The pipeline from --folder (written first from random weights unless it exists), as users load one."""
+    folder = Path(args.folder)
+    if not (folder / "mlx_sd.json").is_file():
+        pipe = build(args)
+        save_folder(pipe, args, folder)
+        del pipe
+        gc.collect()
+        mx.clear_cache()
+    pipe = StableDiffusion.from_pretrained(folder, dtype=args.dtype, low_memory=args.low_memory)
     return pipe
 
 
@@ -115,7 +159,7 @@ class Phases:
 
     def wrap(self, name, fn):
         def wrapped(*a, **k):
-            if name == "decoding" and self.args.free_unet:
+            if name == "decoding" and self.args.free_unet and not self.args.folder:
                 self.pipe.unet = None
                 gc.collect()
             self.begin()
@@ -162,6 +206,7 @@ def main():
     parser.add_argument("--low-memory", action="store_true", help="the pipeline's low_memory mode")
     parser.add_argument("--free-unet", action="store_true", help="drop the UNet before decoding")
     parser.add_argument("--clear-cache", action="store_true", help="mx.clear_cache() after each phase")
+    parser.add_argument("--folder", help="write (once) and load the random model as an mlx-sd convert folder")
     args = parser.parse_args()
     if args.size % 8 or not 64 <= args.size <= 2048:
         parser.error("--size must be a multiple of 8 in [64, 2048]")
@@ -178,7 +223,7 @@ def main():
         flush=True,
     )
     mx.random.seed(0)
-    pipe = build(args)
+    pipe = load(args) if args.folder else build(args)
     gc.collect()
     print(f"  weights        {mx.get_active_memory() / GiB:6.2f} GiB", flush=True)
     phases = Phases(pipe, args)

@@ -243,13 +243,18 @@ def load_tokenizer(folder):
 def load_denoiser(folder, dtype, quantize=None, checkpoint=None, variant=None):
     """The UNet, the VAE and the scheduler config of a model folder; `quantize` applies to the UNet only."""
     unet = load_component(folder, "unet", dtype, quantize, checkpoint, variant)
-    vae_path = Path(folder) / "vae" / "config.json"
-    vae_config = read_json(vae_path)
-    check_config("vae", vae_config, vae_path)
-    # diffusers' force_upcast: the float16 VAE overflows, so it runs in float32 (bfloat16 does not overflow).
-    vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.get("force_upcast", True) else dtype
-    vae = load_component(folder, "vae", vae_dtype, checkpoint=checkpoint, variant=variant)
+    vae = load_vae(folder, dtype, checkpoint, variant)
     scheduler_path = Path(folder) / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path)
     check_scheduler_config(scheduler_config, scheduler_path)
     return unet, vae, scheduler_config
+
+
+def load_vae(folder, dtype, checkpoint=None, variant=None):
+    """The VAE of a model folder, in float32 where `dtype` is float16 and its config says force_upcast (diffusers':
+    the float16 VAE overflows; bfloat16 does not)."""
+    vae_path = Path(folder) / "vae" / "config.json"
+    vae_config = read_json(vae_path)
+    check_config("vae", vae_config, vae_path)
+    vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.get("force_upcast", True) else dtype
+    return load_component(folder, "vae", vae_dtype, checkpoint=checkpoint, variant=variant)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
@@ -20,7 +21,7 @@ from .adapter_files import embedding_hash, extract_lora_tags, find_lora, lora_ha
 from .controlnet import control_residuals, prepare_controls
 from .hub import resolve_variant
 from .images import check_image_and_mask, default_size, load_image, preprocess_image, preprocess_mask
-from .loading import load_denoiser, load_text_encoder, model_family, open_model
+from .loading import load_component, load_denoiser, load_text_encoder, load_vae, model_family, open_model
 from .lora import Adapters
 from .prompts import apply_weights, chunk_prompt, count_chunks, pad_chunks
 from .schedulers import default_sampler, make_scheduler
@@ -133,6 +134,24 @@ class Job:
     timings: dict
 
 
+UNLOADED = "this pipeline was unloaded; load the model again with from_pretrained"
+
+
+class Freed:
+    """In place of a model whose weights were freed (low_memory): its config and size, until it is read again."""
+
+    def __init__(self, model):
+        self.config = model.config
+        self.nbytes = model_bytes(model)
+
+
+def model_bytes(model):
+    """The bytes of a model's weights (a Freed model's as they were)."""
+    if isinstance(model, Freed):
+        return model.nbytes
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 class StableDiffusion:
     """Stable Diffusion 1.x / 2.x (epsilon and v-prediction) and SD-Turbo on MLX; loads SDXL as StableDiffusionXL."""
 
@@ -180,24 +199,52 @@ class StableDiffusion:
         self._source = self._adapters = None
         mx.clear_cache()
 
-    def free_text_encoders(self):
-        """Frees the text encoders (low_memory mode); they are loaded again when a prompt needs encoding."""
-        for _, encoder in self.text_encoders:
-            setattr(self, encoder, None)
+    def use_models(self, *names):
+        """Makes the models `names` ready for the phase about to run, reading them again from the model folder where
+        they were freed. In low_memory mode the other models are freed first, so that only the phase's are in
+        memory: the text encoders while encoding prompts, the UNet while denoising, the VAE while encoding images
+        and decoding (a pipeline made from components, with no folder to read them again from, keeps them all)."""
+        if self.low_memory and self._source is not None:
+            self.free(*(name for name in self.models if name not in names))
+        self._ensure(*names)
+
+    def free(self, *names):
+        """Frees the weights of the models `names` (text_encoder, text_encoder_2, unet, vae); `use_models` reads
+        them again from the model folder. Their configs stay (`Freed`)."""
+        if self.unet is None:
+            raise RuntimeError(UNLOADED)
+        if self._source is None:
+            raise RuntimeError("this pipeline was made from components: it has no model folder to read them again")
+        for name in names:
+            if self._loaded(name):
+                setattr(self, name, Freed(getattr(self, name)))
         mx.clear_cache()
 
-    def _ensure_text_encoders(self):
-        if all(getattr(self, e) is not None for _, e in self.text_encoders):
-            return
-        if self._source is None:
-            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
-        self._load_text_encoders(*self._source)
-        self.attach_adapters()
+    def free_text_encoders(self):
+        """Frees the text encoders; they are read again when a prompt needs encoding."""
+        self.free(*(encoder for _, encoder in self.text_encoders))
 
-    def _load_text_encoders(self, folder, checkpoint, quantize, variant):
-        for tokenizer, encoder in self.text_encoders:
-            _, model = load_text_encoder(folder, tokenizer, encoder, self.dtype, quantize, checkpoint, variant)
-            setattr(self, encoder, model)
+    def _loaded(self, name):
+        return isinstance(getattr(self, name), nn.Module)
+
+    def _ensure(self, *names):
+        """Reads the freed models among `names` again (with their LoRAs and embeddings)."""
+        if self.unet is None:
+            raise RuntimeError(UNLOADED)
+        missing = [name for name in names if not self._loaded(name)]
+        for name in missing:
+            setattr(self, name, self._read(name))
+        if missing:
+            self.attach_adapters()
+
+    def _read(self, name):
+        folder, checkpoint, quantize, variant = self._source
+        if name == "vae":
+            return load_vae(folder, self.dtype, checkpoint, variant)
+        if name == "unet":
+            return load_component(folder, "unet", self.dtype, quantize, checkpoint, variant)
+        tokenizer = {encoder: tokenizer for tokenizer, encoder in self.text_encoders}[name]
+        return load_text_encoder(folder, tokenizer, name, self.dtype, quantize, checkpoint, variant)[1]
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, low_memory=False, quantize=None, variant=None):
@@ -209,9 +256,10 @@ class StableDiffusion:
         quantize=4 or 8 quantizes the text encoders and the UNet while loading (see `mlx-sd convert -q`).
         variant: the weight files to read, "fp16" (`*.fp16.safetensors`) or "none" (the full-precision files); by
         default the fp16 files for float16 / bfloat16 where the model has them (diffusers' `variant="fp16"`).
-        low_memory=True frees the text encoders once the prompts are encoded (they are read again from the model
-        folder for the next prompt), runs the guidance's negative and positive halves as separate UNet calls (half
-        the activations), and decodes images larger than 512 x 512 in tiles (see `decode`).
+        low_memory=True keeps in memory only the models of the phase that runs (`use_models`: the text encoders
+        while encoding, the UNet while denoising, the VAE while decoding; each read again from the model folder
+        when its phase comes, none kept after loading), runs the guidance's negative and positive halves as
+        separate UNet calls (half the activations), and decodes images larger than 512 x 512 in tiles (`decode`).
         """
         dtype = _dtype(dtype)
         folder, checkpoint = open_model(name_or_path, dtype=dtype, variant=variant)
@@ -222,21 +270,27 @@ class StableDiffusion:
             raise ModelLoadError(
                 f"{name_or_path} is a {index.get('_class_name')}; mlx_sd supports {', '.join(PIPELINES)}"
             )
+        # every model is read (and checked) now; low_memory frees each once read, for its phase to read it again
+        keep = Freed if low_memory else (lambda model: model)
         components = {}
         for tokenizer, encoder in pipeline.text_encoders:
-            components[tokenizer], components[encoder] = load_text_encoder(
+            components[tokenizer], text_encoder = load_text_encoder(
                 folder, tokenizer, encoder, dtype, quantize, checkpoint, variant
             )
-        components["unet"], components["vae"], scheduler_config = load_denoiser(
-            folder, dtype, quantize, checkpoint, variant
-        )
+            components[encoder] = keep(text_encoder)
+            del text_encoder
+        unet, vae, scheduler_config = load_denoiser(folder, dtype, quantize, checkpoint, variant)
+        components["unet"], components["vae"] = keep(unet), keep(vae)
+        del unet, vae
+        mx.clear_cache()
         model = pipeline(components, scheduler_config, dtype, str(name_or_path), model_family(folder), index)
         model.low_memory = bool(low_memory)
         model._source = (folder, checkpoint, quantize, variant)
         return model
 
     def parameters(self):
-        return [getattr(self, name).parameters() for name in self.models if getattr(self, name) is not None]
+        """The parameters of the models in memory."""
+        return [getattr(self, name).parameters() for name in self.models if self._loaded(name)]
 
     def limits(self):
         """What the settings are checked against (GenerationSettings.resolve)."""
@@ -261,7 +315,7 @@ class StableDiffusion:
         chunks and concatenated (every prompt of the batch padded to the same number of chunks);
         truncate=True keeps the first chunk only. clip_skip: A1111 numbering (1 = last layer).
         """
-        self._ensure_text_encoders()
+        self.use_models(*(encoder for _, encoder in self.text_encoders))
         guidance = guidance_scale > 1
         texts = [*(n or "" for n in negative_prompts), *prompts] if guidance else list(prompts)
 
@@ -285,6 +339,7 @@ class StableDiffusion:
         Ancestral samplers draw their noise for image i from a stream seeded by seeds[i] (`step_noise`), so an
         image comes out the same whichever batch it is generated in.
         """
+        self.use_models("unet")
         timesteps = scheduler.timesteps if timesteps is None else timesteps
         noises = step_noise(seeds, latents.shape[1:])
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
@@ -336,6 +391,7 @@ class StableDiffusion:
         tiled=True decodes latents larger than one VAE tile (64 x 64 latents: 512 x 512 pixels) tile by tile
         and image by image (`AutoencoderKL.decode_tiled`: seams blended over 128 pixels), so that the decoder's
         memory is that of one 512 x 512 tile; the result differs slightly from untiled decoding."""
+        self.use_models("vae")
         z = latents / self.vae.config.scaling_factor
         if self.vae.config.shift_factor is not None:
             z = z + self.vae.config.shift_factor
@@ -400,7 +456,7 @@ class StableDiffusion:
     def prepare(self, prompt=None, **settings):
         """A Job: the settings resolved and checked for this model, the starting latents and the conditioning."""
         if self.unet is None:
-            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+            raise RuntimeError(UNLOADED)
         s = as_settings(prompt, settings).validate()
         if s.image is not None:  # read each file once; a PIL mask keeps its mode (see preprocess_mask)
             s.image = load_image(s.image)
@@ -436,8 +492,6 @@ class StableDiffusion:
         )
         conditioning = self.add_size_conditioning(conditioning, s)
         mx.eval(conditioning.embeds, conditioning.extra)
-        if self.low_memory:
-            self.free_text_encoders()
         timings["text_encoder"] = time.perf_counter() - tic
         return Job(s, scheduler, timesteps, latents, conditioning, inpaint, controls, timings)
 
@@ -466,6 +520,7 @@ class StableDiffusion:
 
     def encode_image(self, pixels, eps):
         """Pixels (1, H, W, 3) in [-1, 1] -> scaled latents of the VAE posterior sample mean + std * eps (N, ...)."""
+        self.use_models("vae")
         mean, logvar = self.vae.encode(pixels.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype)))
         sample = mean.astype(mx.float32) + mx.exp(0.5 * logvar.astype(mx.float32)) * eps
         if self.vae.config.shift_factor is not None:
@@ -483,7 +538,10 @@ class StableDiffusion:
     def memory_needed(self, settings):
         """A rough estimate of the peak bytes of a generation with these (resolved) settings: the weights, plus
         the larger of a UNet step's activations and the VAE decoder's. Used to refuse what cannot fit."""
-        weights = sum(v.nbytes for p in self.parameters() for _, v in tree_flatten(p))
+        sizes = {name: model_bytes(getattr(self, name)) for name in self.models}
+        weights = sum(sizes.values())
+        if self.low_memory and self._source is not None:  # one phase's models at a time
+            weights = max(sum(sizes[e] for _, e in self.text_encoders), sizes["unet"], sizes["vae"])
         guided = settings.guidance_scale > 1 and not self.low_memory
         batch = settings.num_images * (2 if guided else 1)
         pixels = settings.width * settings.height
@@ -504,9 +562,9 @@ class StableDiffusion:
     def adapters(self):
         """The pipeline's LoRAs and embeddings, created on first use (reading the text encoders back if freed)."""
         if self.unet is None:
-            raise RuntimeError("this pipeline was unloaded; load the model again with from_pretrained")
+            raise RuntimeError(UNLOADED)
         if self._adapters is None:
-            self._ensure_text_encoders()
+            self._ensure(*(name for name in self.models if name != "vae"))  # the layer tables of each
             self._adapters = Adapters(self.family)
             self.attach_adapters()
         return self._adapters
@@ -516,7 +574,7 @@ class StableDiffusion:
         if self._adapters is None:
             return
         for name in self.models:
-            if name != "vae" and getattr(self, name) is not None:  # LoRAs apply to the UNet and text encoders
+            if name != "vae" and self._loaded(name):  # LoRAs apply to the UNet and text encoders
                 self._adapters.attach(name, getattr(self, name))
         for tokenizer, encoder in self.text_encoders:
             self._adapters.attach_tokenizer(encoder, getattr(self, tokenizer))
@@ -598,7 +656,7 @@ class StableDiffusionXL(StableDiffusion):
     def encode_prompt(self, prompts, negative_prompts, guidance_scale, clip_skip=None, truncate=False):
         # diffusers' SDXL: penultimate hidden states of both encoders (no final norm) side by side, pooled from
         # the projected output of the second. clip_skip (A1111 numbering) counts back from the penultimate layer.
-        self._ensure_text_encoders()
+        self.use_models(*(encoder for _, encoder in self.text_encoders))
         guidance = guidance_scale > 1
         texts = [*(n or "" for n in negative_prompts), *prompts] if guidance else list(prompts)
         layer = -2 if clip_skip is None else -(clip_skip + 1)

@@ -3,13 +3,16 @@
 import threading
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
 
 from helpers import assert_images_close, make_pipeline, run_both
 from mlx_sd import GenerationCancelled, StableDiffusion
+from mlx_sd.pipeline import Freed
 from mlx_sd.prompts import chunk_prompt
+from mlx_sd.unet import UNet2DConditionModel
 
 LONG = ", ".join(
     f"a detailed {w} in the style of an old master"
@@ -96,18 +99,37 @@ def test_result_reports_timings_and_peak_memory(sd1):
     assert images.peak_memory > 0 and images.settings.seed == 5 and "Seed: 5," in images.parameters
 
 
-def test_low_memory_frees_text_encoders_and_gives_the_same_image(sd1):
+def test_low_memory_keeps_one_phase_of_models_and_gives_the_same_image(sd1):
+    """low_memory: no model in memory once loaded, then the text encoders while encoding, the UNet while denoising,
+    the VAE while decoding; each read again from the folder for its phase of the next generation."""
     folder, _, ours = sd1
     expected = ours.generate("a cat", width=32, height=32, steps=2, seed=2)[0]
     lean = StableDiffusion.from_pretrained(folder, dtype="float32", low_memory=True)
-    first = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]
-    assert lean.text_encoder is None  # freed after encoding
-    second = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]  # reloaded for the next prompt
+    assert lean.parameters() == [] and all(isinstance(getattr(lean, name), Freed) for name in lean.models)
+    in_memory = []
+
+    def record(*_):
+        in_memory.append({name for name in lean.models if isinstance(getattr(lean, name), nn.Module)})
+
+    first = lean.generate("a cat", width=32, height=32, steps=2, seed=2, callback=record)[0]
+    assert in_memory and all(names == {"unet"} for names in in_memory)
+    assert isinstance(lean.text_encoder, Freed) and isinstance(lean.unet, Freed) and isinstance(lean.vae, nn.Module)
+    assert lean.unet.config.sample_size == ours.unet.config.sample_size  # configs stay for checking settings
+    second = lean.generate("a cat", width=32, height=32, steps=2, seed=2)[0]  # everything read again
     # low_memory runs the guided batch's halves as two calls: float32 rounding may differ by a last bit, which
     # can move a pixel by one level; the two low_memory images take the same path and are identical
     assert np.array_equal(np.asarray(first), np.asarray(second))
     difference = np.abs(np.asarray(first, np.int16) - np.asarray(expected, np.int16))
     assert difference.max() <= 1 and difference.mean() < 0.01
+    # a pipeline made from components has no folder to read models again from: low_memory keeps them
+    made = StableDiffusion(
+        {name: getattr(ours, name) for name in ("tokenizer", "text_encoder", "unet", "vae")}, ours.scheduler_config
+    )
+    made.low_memory = True
+    made.generate("a cat", width=32, height=32, steps=1, seed=2)
+    assert all(isinstance(getattr(made, name), nn.Module) for name in made.models)
+    with pytest.raises(RuntimeError, match="no model folder"):
+        made.free("unet")
 
 
 def test_unload_and_context_manager(sd1):
@@ -168,9 +190,9 @@ def test_low_memory_splits_guidance_into_two_unet_calls(tmp_path, monkeypatch):
     expected = StableDiffusion.from_pretrained(tmp_path, dtype="float32").generate("a cat", **kwargs)
     lean = StableDiffusion.from_pretrained(tmp_path, dtype="float32", low_memory=True)
     batches = []
-    call = type(lean.unet).__call__
+    call = UNet2DConditionModel.__call__
     monkeypatch.setattr(
-        type(lean.unet), "__call__", lambda m, x, *a, **k: batches.append(x.shape[0]) or call(m, x, *a, **k)
+        UNet2DConditionModel, "__call__", lambda m, x, *a, **k: batches.append(x.shape[0]) or call(m, x, *a, **k)
     )
     images = lean.generate("a cat", **kwargs)
     assert batches == [2] * 4  # 2 steps x (negative, positive), each of the 2 images

@@ -25,6 +25,7 @@ from mlx_sd.adapter_files import describe_adapter, embedding_hash, extract_lora_
 from mlx_sd.lora import bake_loras
 from mlx_sd.lora_keys import ldm_unet_paths
 from mlx_sd.lora_layers import LoRABranch, layer_table
+from mlx_sd.pipeline import Freed
 from mlx_sd.quantize import QuantizedConv2d, quantize_model
 from mlx_sd.single_file import _unet
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig
@@ -391,19 +392,21 @@ def test_quantized_layers_get_a_branch(pipelines, tmp_path):
         ours.unload_lora()
 
 
-def test_low_memory_reapplies_text_encoder_loras(pipelines, tmp_path):
-    """low_memory frees the text encoders after encoding and reads them again: the LoRA is applied to each new copy
-    (and the freed copy's original weights are not kept)."""
+@pytest.mark.parametrize("component", ["text_encoder", "unet"])
+def test_low_memory_reapplies_loras(pipelines, tmp_path, component):
+    """low_memory frees each model after its phase and reads it again for the next generation: the LoRA is applied
+    to each new copy (and the freed copy's original weights are not kept)."""
     reference, ours = pipelines("sd1")
     folder = pipelines.folders["sd1"]
-    kohya_file(tmp_path / "text.safetensors", reference, unet=False, strength=2.0)
+    unet = component == "unet"
+    kohya_file(tmp_path / "lora.safetensors", reference, unet=unet, text=not unet, strength=2.0)
     low = StableDiffusion.from_pretrained(folder, dtype="float32", low_memory=True)
     plain = generate(low)
-    low.load_lora(tmp_path / "text.safetensors", scale=0.9)
-    ours.load_lora(tmp_path / "text.safetensors", scale=0.9)
+    low.load_lora(tmp_path / "lora.safetensors", scale=0.9)
+    ours.load_lora(tmp_path / "lora.safetensors", scale=0.9)
     try:
         first = generate(low)
-        assert low.text_encoder is None and "text_encoder" not in low.adapters._attached
+        assert isinstance(getattr(low, component), Freed) and component not in low.adapters._attached
         assert np.array_equal(generate(low), first)
         assert_changed(first, plain)
         assert_images_close(first, generate(ours))
