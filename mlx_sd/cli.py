@@ -79,6 +79,7 @@ def cli():
 @click.option("--mask", type=click.Path(dir_okay=False), help="Inpainting: white marks the area to repaint.")
 @click.option("--mask-blur", type=float, help="Blur radius of the mask, in pixels (default 0).")
 @click.option("--clip-skip", type=int, help="CLIP layer to use, A1111 numbering (1 = last).")
+@click.option("--deep-cache", type=int, help="DeepCache: run the whole UNet every N steps only (2-5 typical).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE]: a LoRA file at a scale (default 1; repeatable).")
 @click.option("--embedding", "embeddings", multiple=True, help="A textual-inversion embedding file (repeatable).")
 @click.option("--lora-dir", default=DEFAULT_LORA_DIR, show_default=True, help="Where <lora:NAME:W> tags find NAME.")
@@ -95,7 +96,7 @@ def cli():
 @click.option("--canny-high", type=int, default=200, show_default=True, help="Canny's upper threshold.")
 @click.option("--guess-mode", is_flag=True, help="ControlNets see the positive prompt only (diffusers' guess_mode).")
 @click.option("--truncate", "truncate_prompt", is_flag=True, default=None, help="Cut prompts at 75 tokens.")
-@click.option("--low-memory", is_flag=True, help="Free the text encoders early, halve guidance, decode in tiles.")
+@click.option("--low-memory", is_flag=True, help="One phase's models in memory, halve guidance, decode in tiles.")
 @click.option("--tiled-decode/--no-tiled-decode", default=None, help="Decode in blended 512px tiles.")
 @click.option("-o", "--output", default="out.png", show_default=True, help="A .png, a folder, or a pattern.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of numbering new names.")
@@ -339,7 +340,7 @@ def install_signal_handlers():
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without authentication.")
 @click.option("--allow-hub", is_flag=True, help="Let requests name Hugging Face Hub ids as models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Default: float16 on a GPU, float32 on the CPU.")
-@click.option("--low-memory", is_flag=True, help="Free the text encoders early, halve guidance, decode in tiles.")
+@click.option("--low-memory", is_flag=True, help="One phase's models in memory, halve guidance, decode in tiles.")
 def serve(max_body_mb, **options):
     """Serve the A1111 and OpenAI image APIs and a web page at http://HOST:PORT/."""
     try:

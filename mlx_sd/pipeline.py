@@ -28,6 +28,7 @@ from .schedulers import default_sampler, make_scheduler
 from .settings import FIELDS, GenerationSettings, ModelLimits, SettingsError, image_seed
 from .thread_exit import clear_mlx_state_at_thread_exit
 from .tokenizer import normalize
+from .unet import DeepCache
 from .vae import should_tile
 from .weights import ModelLoadError, read_json
 
@@ -330,12 +331,22 @@ class StableDiffusion:
         return Conditioning(embeds.astype(self.compute_dtype), guidance)
 
     def denoise(
-        self, conditioning, latents, scheduler, guidance_scale, seeds, timesteps=None, inpaint=None, controls=()
+        self,
+        conditioning,
+        latents,
+        scheduler,
+        guidance_scale,
+        seeds,
+        timesteps=None,
+        inpaint=None,
+        controls=(),
+        deep_cache=None,
     ):
         """Yields the latents after each sampler step; each step is evaluated before it is yielded.
 
         `timesteps`: a tail of scheduler.timesteps (image-to-image); `inpaint`: an Inpainting state;
         `controls`: ControlNets (controlnet.prepare_controls) whose residuals the UNet adds.
+        `deep_cache`: N >= 2 runs the whole UNet on every N-th call only (unet.DeepCache), None or 1 on every call.
         Ancestral samplers draw their noise for image i from a stream seeded by seeds[i] (`step_noise`), so an
         image comes out the same whichever batch it is generated in.
         """
@@ -343,13 +354,14 @@ class StableDiffusion:
         timesteps = scheduler.timesteps if timesteps is None else timesteps
         noises = step_noise(seeds, latents.shape[1:])
         double = (lambda a: mx.concatenate([a, a])) if conditioning.guidance else (lambda a: a)
+        caches = [DeepCache(deep_cache) for _ in range(2)] if deep_cache and deep_cache > 1 else None
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(double(latents), t)
             residuals = control_residuals(controls, x.astype(self.compute_dtype), t, conditioning, i, len(timesteps))
             if inpaint is not None and inpaint.masked_latents is not None:
                 # inpainting UNets take the mask and the masked image's latents as 5 more channels
                 x = mx.concatenate([x, double(inpaint.mask), double(inpaint.masked_latents)], axis=-1)
-            out = self.predict(x.astype(self.compute_dtype), t, conditioning, residuals).astype(mx.float32)
+            out = self.predict(x.astype(self.compute_dtype), t, conditioning, residuals, caches).astype(mx.float32)
             if conditioning.guidance:
                 out_uncond, out_text = mx.split(out, 2)
                 out = out_uncond + guidance_scale * (out_text - out_uncond)
@@ -363,17 +375,19 @@ class StableDiffusion:
             mx.eval(latents)
             yield latents
 
-    def predict(self, x, t, conditioning, residuals=None):
+    def predict(self, x, t, conditioning, residuals=None, caches=None):
         """The UNet's output for x (noise or v, as the model predicts); with guidance in low_memory mode, the
         negative and positive halves of the batch run as two evaluated calls, so that the UNet's activations are
-        those of half the batch. `residuals`: ControlNet residuals (controlnet.control_residuals) for the UNet."""
+        those of half the batch. `residuals`: ControlNet residuals (controlnet.control_residuals) for the UNet;
+        `caches`: two DeepCaches (the second for the positive half in low_memory mode) or None."""
         residuals = residuals or {}
+        caches = caches or [None, None]
         if not (self.low_memory and conditioning.guidance):
-            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals)
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals, cache=caches[0])
         n = x.shape[0] // 2
         halves = []
-        for part in (slice(0, n), slice(n, 2 * n)):
-            extra = {k: v[part] for k, v in conditioning.extra.items()}
+        for part, cache in zip((slice(0, n), slice(n, 2 * n)), caches):
+            extra = {k: v[part] for k, v in conditioning.extra.items()} | {"cache": cache}
             if residuals:
                 down = [r[part] for r in residuals["down_residuals"]]
                 extra.update(down_residuals=down, mid_residual=residuals["mid_residual"][part])
@@ -443,7 +457,7 @@ class StableDiffusion:
         total = len(job.timesteps)
         latents = job.latents
         steps = self.denoise(job.conditioning, latents, job.scheduler, s.guidance_scale, s.seeds, job.timesteps,
-                             job.inpaint, job.controls)  # fmt: skip
+                             job.inpaint, job.controls, s.deep_cache)  # fmt: skip
         for step, latents in enumerate(steps, 1):
             yield Step(step, total, latents)
         timings["denoise"] = time.perf_counter() - tic

@@ -23,6 +23,7 @@ MAX_IMAGES = 10_000  # images per generation / per command
 MAX_PROMPT_CHARS = 20_000  # characters per prompt
 MAX_CHUNKS = 32  # 75-token chunks per prompt (2,400 tokens)
 MAX_GUIDANCE = 100.0
+MAX_DEEP_CACHE = 100  # DeepCache interval: UNet calls per full call
 MAX_MASK_BLUR = 256.0  # pixels
 MAX_SIZE_CONDITIONING = 4 * MAX_SIDE  # SDXL's original / target size and crop coordinates
 
@@ -53,6 +54,7 @@ class GenerationSettings:
     seed: int | None = None  # None or -1 (A1111): random; image i uses (seed + i) mod 2**64
     num_images: int = 1
     clip_skip: int | None = None  # A1111 numbering: 1 = last layer
+    deep_cache: int | None = None  # DeepCache: the whole UNet on every N-th call only (unet.DeepCache); None, 1: all
     image: object = None  # image-to-image: a path or a PIL image
     strength: float | None = None  # default 0.8, 1.0 with a mask
     mask: object = None  # inpainting (white = repaint): a path or a PIL image
@@ -87,6 +89,7 @@ class GenerationSettings:
         check_real("guidance scale", self.guidance_scale, 0.0, MAX_GUIDANCE, optional=True)
         check_int("num_images", self.num_images, 1, MAX_IMAGES)
         check_int("clip skip", self.clip_skip, 1, 1000, optional=True)
+        check_int("DeepCache interval", self.deep_cache, 1, MAX_DEEP_CACHE, optional=True)
         self._validate_seed()
         self._validate_image_settings()
         self._validate_size_conditioning()
@@ -252,6 +255,11 @@ INFOTEXT = [
     ("Size", lambda s, _: f"{s.width}x{s.height}", _parse_size),
     ("Model", lambda _, model: model, None),
     ("Clip skip", lambda s, _: None if s.clip_skip is None else str(s.clip_skip), lambda v, _: {"clip_skip": int(v)}),
+    (
+        "DeepCache interval",
+        lambda s, _: str(s.deep_cache) if s.deep_cache and s.deep_cache > 1 else None,
+        lambda v, _: {"deep_cache": int(v)},
+    ),
     (
         "Denoising strength",
         lambda s, _: None if s.image is None else f"{s.strength:g}",

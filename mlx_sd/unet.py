@@ -329,14 +329,15 @@ class DownBlock2D(nn.Module):
         if add_downsample:
             self.downsamplers = [Downsample2D(out_channels)]
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, layers=None):
+        """(x, the skip states); `layers`: a range of the layers to run (all, and then the downsampler, if None)."""
         states = []
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+        for j in range(len(self.resnets)) if layers is None else layers:
+            x = self.resnets[j](x, temb)
             if "attentions" in self:
                 x = self.attentions[j](x, context)
             states.append(x)
-        if "downsamplers" in self:
+        if "downsamplers" in self and layers is None:
             x = self.downsamplers[0](x)
             states.append(x)
         return x, states
@@ -373,12 +374,13 @@ class UpBlock2D(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(out_channels)]
 
-    def __call__(self, x, temb, context, skips, upsample_size):
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
+    def __call__(self, x, temb, context, skips, upsample_size, layers=None):
+        """Runs the layers (a range; all, and then the upsampler, if None), each popping its skip from `skips`."""
+        for j in range(len(self.resnets)) if layers is None else layers:
+            x = self.resnets[j](mx.concatenate([x, skips.pop()], axis=-1), temb)
             if "attentions" in self:
                 x = self.attentions[j](x, context)
-        if "upsamplers" in self:
+        if "upsamplers" in self and layers is None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -467,11 +469,42 @@ class UNet2DConditionModel(nn.Module):
         time_ids=None,
         down_residuals=None,
         mid_residual=None,
+        cache=None,
     ):
         """sample (B, H, W, C); timestep: number, 0-d or (B,) array; encoder_hidden_states (B, L, D);
         SDXL also needs text_embeds (B, 1280) and time_ids (B, 6). Returns (B, H, W, out_channels).
         down_residuals (one per skip connection) and mid_residual: ControlNet outputs added to the skips and to the
-        mid block's output (diffusers' down_block_additional_residuals, mid_block_additional_residual)."""
+        mid block's output (diffusers' down_block_additional_residuals, mid_block_additional_residual).
+        cache: a DeepCache, to run only the shallow path on the calls between its full ones."""
+        emb = self.embedding(sample, timestep, text_embeds, time_ids)
+        context = encoder_hidden_states
+        if cache is not None and not cache.full():
+            return self.shallow(sample, emb, context, cache.features, down_residuals)
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, states = block(x, emb, context)
+            skips.extend(states)
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+        x = self.mid_block(x, emb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
+        for block in self.up_blocks:
+            block_skips = skips[-len(block.resnets) :]
+            skips = skips[: -len(block.resnets)]
+            if cache is not None and block is self.up_blocks[-1]:  # keep the features entering its last 2 layers
+                n = len(block.resnets)
+                cache.features = block(x, emb, context, block_skips, None, range(n - 2))
+                x = block(cache.features, emb, context, block_skips, None, range(n - 2, n))
+                continue
+            # upsample to the next skip's exact size: 2x, or what diffusers forwards as `upsample_size`
+            # when H or W is not a multiple of 2**num_upsamplers
+            x = block(x, emb, context, block_skips, skips[-1].shape[1:3] if skips else None)
+        return self.output(x)
+
+    def embedding(self, sample, timestep, text_embeds, time_ids):
+        """The time embedding (B, 4 * C0), with SDXL's added text and size embeddings."""
         config = self.config
         B = sample.shape[0]
         timesteps = mx.broadcast_to(mx.array(timestep).astype(mx.float32), (B,))
@@ -485,26 +518,40 @@ class UNet2DConditionModel(nn.Module):
             ).reshape(B, -1)  # (B, 6 * addition_time_embed_dim)
             add_embeds = mx.concatenate([text_embeds, time_embeds], axis=-1).astype(emb.dtype)
             emb = emb + self.add_embedding(add_embeds)
+        return emb
 
+    def shallow(self, sample, emb, context, features, down_residuals=None):
+        """DeepCache's cheap call: conv_in and the first down block's first layer make the two skips that the last
+        up block's last two layers take, with `features` (kept by the last full call) in place of the rest."""
         x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, states = block(x, emb, encoder_hidden_states)
-            skips.extend(states)
+        skips = [x, *self.down_blocks[0](x, emb, context, range(1))[1]]
         if down_residuals is not None:
-            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
-        x = self.mid_block(x, emb, encoder_hidden_states)
-        if mid_residual is not None:
-            x = x + mid_residual
-        for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets) :]
-            skips = skips[: -len(block.resnets)]
-            # upsample to the next skip's exact size: 2x, or what diffusers forwards as `upsample_size`
-            # when H or W is not a multiple of 2**num_upsamplers
-            x = block(x, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        n = len(self.up_blocks[-1].resnets)
+        return self.output(self.up_blocks[-1](features, emb, context, skips, None, range(n - 2, n)))
+
+    def output(self, x):
         if self.config.conv_out_kernel == 3:
             return conv3x3(self.conv_out, x, norm_act(self.conv_norm_out, x, silu))
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+class DeepCache:
+    """DeepCache (Ma, Fang and Wang, 2023: "DeepCache: Accelerating Diffusion Models for Free"), opt-in: the UNet's
+    deep features reused between calls.
+
+    Every `interval`-th call (the first included) runs the whole UNet and keeps the input of its last up block's
+    last two layers; the calls in between run only the shallow path: conv_in, the first layer of the first down
+    block, and those two layers on the kept features. One per sequence of UNet calls on the same batch."""
+
+    def __init__(self, interval):
+        self.interval, self.calls, self.features = interval, 0, None
+
+    def full(self):
+        """Whether the coming call runs the whole UNet; counts the call."""
+        full = self.features is None or self.calls % self.interval == 0
+        self.calls += 1
+        return full
 
 
 def sanitize(weights):

@@ -124,6 +124,8 @@ API_CASES = [
     (dict(width="64"), "width must be an integer, got '64'"),
     (dict(clip_skip=-2), "clip skip must be between 1 and 1000, got -2"),
     (dict(clip_skip=9), "clip skip must be at most 3 for this model, got 9"),
+    (dict(deep_cache=0), "DeepCache interval must be between 1 and 100, got 0"),
+    (dict(deep_cache=2.5), "DeepCache interval must be an integer, got 2.5"),
     (dict(guidance_scale=float("nan")), "guidance scale must be a finite number"),
     (dict(guidance_scale="7"), "guidance scale must be a number, got '7'"),
     (dict(num_images=0), "num_images must be between 1 and 10000, got 0"),
@@ -211,6 +213,10 @@ def test_from_png_model_is_used_only_without_model(model, tmp_path):
     [
         ("a cat\nSteps: 1, Seed: -5, Size: 32x32", "seed must be between -1 and 18446744073709551615, got -5"),
         ("a cat\nSteps: 1, Clip skip: 0, Size: 32x32", "clip skip must be between 1 and 1000, got 0"),
+        (
+            "a cat\nSteps: 1, DeepCache interval: 101, Size: 32x32",
+            "DeepCache interval must be between 1 and 100, got 101",
+        ),
         ("a cat\nSteps: 1, CFG scale: nan, Size: 32x32", "guidance scale must be a finite number"),
         ("a cat\nSteps: 1, Size: 32xfoo", "unreadable parameters"),
         ("a\x00cat\nSteps: 1, Size: 32x32", "prompt contains the control character U+0000"),
