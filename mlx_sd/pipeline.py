@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
@@ -226,7 +225,7 @@ class StableDiffusion:
         self.free(*(encoder for _, encoder in self.text_encoders))
 
     def _loaded(self, name):
-        return isinstance(getattr(self, name), nn.Module)
+        return getattr(self, name) is not None and not isinstance(getattr(self, name), Freed)
 
     def _ensure(self, *names):
         """Reads the freed models among `names` again (with their LoRAs and embeddings)."""
@@ -381,13 +380,13 @@ class StableDiffusion:
         those of half the batch. `residuals`: ControlNet residuals (controlnet.control_residuals) for the UNet;
         `caches`: two DeepCaches (the second for the positive half in low_memory mode) or None."""
         residuals = residuals or {}
-        caches = caches or [None, None]
+        caches = [{"cache": c} if c is not None else {} for c in caches or [None, None]]
         if not (self.low_memory and conditioning.guidance):
-            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals, cache=caches[0])
+            return self.unet(x, t, conditioning.embeds, **conditioning.extra, **residuals, **caches[0])
         n = x.shape[0] // 2
         halves = []
         for part, cache in zip((slice(0, n), slice(n, 2 * n)), caches):
-            extra = {k: v[part] for k, v in conditioning.extra.items()} | {"cache": cache}
+            extra = {k: v[part] for k, v in conditioning.extra.items()} | cache
             if residuals:
                 down = [r[part] for r in residuals["down_residuals"]]
                 extra.update(down_residuals=down, mid_residual=residuals["mid_residual"][part])
