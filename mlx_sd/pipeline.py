@@ -174,7 +174,7 @@ class StableDiffusion:
         self.lora_dir = None  # the folder of NAME.safetensors files that <lora:NAME:WEIGHT> prompt tags apply
         self._adapters = None  # mlx_sd.lora.Adapters, made on first use
         self._tag_loras = set()  # the LoRAs loaded for prompt tags (the others are the user's)
-        self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to reload text encoders
+        self._source = None  # (folder, checkpoint, quantize, variant): from_pretrained's, to read freed models again
 
     @property
     def compute_dtype(self):
