@@ -43,6 +43,7 @@ CLI_CASES = [
     (["--seed", "-2"], 2, "seed must be between -1 and 18446744073709551615, got -2"),
     (["--clip-skip", "4"], 2, "clip skip must be at most 3 for this model, got 4"),
     (["--clip-skip", "0"], 2, "clip skip must be between 1 and 1000, got 0"),
+    (["--deep-cache", "0"], 2, "DeepCache interval must be between 1 and 100, got 0"),
     (["--cfg", "nan"], 2, "guidance scale must be a finite number between 0 and 100, got nan"),
     (["--cfg", "inf"], 2, "guidance scale must be a finite number between 0 and 100, got inf"),
     (["--cfg", "1e9"], 2, "guidance scale must be a finite number between 0 and 100, got 1000000000.0"),

@@ -57,6 +57,20 @@ def test_generate_writes_the_api_image_with_parameters(model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temporary file left behind
 
 
+def test_generate_with_deep_cache(model, tmp_path):
+    """--deep-cache N: the API's deep_cache=N image, recorded in the infotext."""
+    out = tmp_path / "cached.png"
+    args = ["--model", model, "--seed", 1, "-W", 32, "-H", 32, "--steps", 4, "--dtype", "float32", "-o", out]
+    result = run("generate", "a cat", *args, "--deep-cache", 2)
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    expected = StableDiffusion.from_pretrained(model, dtype="float32").generate(
+        "a cat", width=32, height=32, steps=4, seed=1, deep_cache=2
+    )[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert "DeepCache interval: 2" in image.text["parameters"]
+
+
 def test_generate_never_overwrites(model, tmp_path):
     out = tmp_path / "img.png"
     out.write_bytes(b"keep me")
