@@ -54,23 +54,23 @@ def _round(y):
 
 
 def _exp_kernels(argument):
-    """exp(argument(x)) for argument(x) <= 88 as three compiled kernels: 2**n as float32 bits (0 where
-    argument(x) < -87.7, below float32's normal range), the reduced r = argument(x) - n ln 2, and 2**n * e**r."""
+    """exp(argument(*xs)) for argument(*xs) <= 88 as three compiled kernels: 2**n as float32 bits (0 where
+    argument(*xs) < -87.7, below float32's normal range), the reduced r = argument(*xs) - n ln 2, and 2**n * e**r."""
 
-    def bits(x):
-        n = _round(argument(x)).astype(mx.int32)
+    def bits(*xs):
+        n = _round(argument(*xs)).astype(mx.int32)
         return mx.left_shift(mx.maximum(n, -127) + 127, 23)
 
-    def reduced(x):
-        y = argument(x)
+    def reduced(*xs):
+        y = argument(*xs)
         n = _round(y)
         return (y - n * LN2_HI) - n * LN2_LO
 
     bits, reduced = mx.compile(bits), mx.compile(reduced)
 
-    def exp(x):
-        x = mx.contiguous(x)
-        return _scaled_exp(_barrier(reduced(x)), bits(x).view(mx.float32))
+    def exp(*xs):
+        xs = [mx.contiguous(x) for x in xs]
+        return _scaled_exp(_barrier(reduced(*xs)), bits(*xs).view(mx.float32))
 
     return exp
 
@@ -83,15 +83,17 @@ def _scaled_exp(r, scale):
 
 
 _exp = _exp_kernels(lambda x: x)
+_exp_shifted = _exp_kernels(lambda x, shift: x - shift)  # the subtraction inside both kernels: one pass less
 _exp_minus_abs = _exp_kernels(lambda x: -mx.abs(x))
 _exp_minus_half_square = _exp_kernels(lambda x: -0.5 * x * x)
 
 
-def exp_nonpositive(x):
-    """e**x for finite x <= 0 (softmax numerators); 0 below -87.7."""
+def exp_nonpositive(x, shift=None):
+    """e**(x - shift) for finite x <= shift (softmax numerators: shift, e.g. the row maximum, broadcasts against
+    x; default 0); 0 where x - shift < -87.7."""
     if not fast_path(x):
-        return mx.exp(x)
-    return _barrier(_exp(x))
+        return mx.exp(x if shift is None else x - shift)
+    return _barrier(_exp(x) if shift is None else _exp_shifted(x, shift))
 
 
 @mx.compile

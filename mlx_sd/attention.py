@@ -53,7 +53,7 @@ def _attention_block(q, kt, v, evaluate):
     stage(scores)
     peak = row_max(scores)
     stage(peak)
-    weights = exp_nonpositive(scores - peak)
+    weights = exp_nonpositive(scores, peak)  # the subtraction inside the exp's kernels
     stage(weights)
     out = weights @ v  # (B, heads, block, d + 1)
     stage(out)

@@ -36,6 +36,14 @@ def test_exp_nonpositive_matches_float64():
     assert np.all(got[x < -87.7] == 0) and np.all(got >= 0)
 
 
+def test_exp_nonpositive_with_a_shift_is_exp_of_the_difference():
+    """e**(x - shift), the shift (a row maximum) broadcast and subtracted inside the kernels: the same values as
+    exp_nonpositive(x - shift)."""
+    x = mx.array(inputs())
+    shift = x.max(axis=-1, keepdims=True)
+    np.testing.assert_array_equal(np.array(exp_nonpositive(x, shift)), np.array(exp_nonpositive(x - shift)))
+
+
 @pytest.mark.parametrize(
     "ours, reference",
     [
