@@ -86,8 +86,8 @@ def _kernel_shape(conv):
 
 def _shifted(conv):
     def run(x):
-        weight = conv.kernel() if isinstance(conv, QuantizedConv2d) else conv.weight
-        return shifted_conv3x3(x, weight.astype(mx.float32), conv.bias if "bias" in conv else None)
+        weight = conv.kernel(mx.float32) if isinstance(conv, QuantizedConv2d) else conv.weight.astype(mx.float32)
+        return shifted_conv3x3(x, weight, conv.bias if "bias" in conv else None)
 
     return run
 

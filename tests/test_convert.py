@@ -478,7 +478,8 @@ def test_quantized_linear_dequantizes_on_the_cpu(bits):
     for layer in model.layers:
         got = layer(x)
         assert got.dtype == mx.float32
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, 32, bits).astype(mx.float32)
+        scales, biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+        w = mx.dequantize(layer.weight, scales, biases, 32, bits)  # the quantized values, exactly
         exact = np.array(x, np.float64) @ np.array(w, np.float64).T
         exact += np.array(layer.bias, np.float64) if "bias" in layer else 0
         np.testing.assert_allclose(np.array(got), exact, rtol=0, atol=1e-5)

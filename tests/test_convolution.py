@@ -90,7 +90,7 @@ def test_shifted_products_take_float16_and_quantized_kernels(kind):
         kernel = conv.weight.astype(mx.float32)
     else:
         conv = QuantizedConv2d(conv, 64, 4)
-        kernel = conv.kernel().astype(mx.float32)
+        kernel = conv.kernel(mx.float32)
     x = mx.random.normal((2, 64, 64, 64), key=mx.random.key(6))
     assert shifted_products(conv, x)
     got = conv3x3(conv, x)
