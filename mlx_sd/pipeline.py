@@ -408,7 +408,7 @@ class StableDiffusion:
         z = latents / self.vae.config.scaling_factor
         if self.vae.config.shift_factor is not None:
             z = z + self.vae.config.shift_factor
-        z = z.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype))
+        z = self._vae_input(z)
         if tiled and should_tile(z.shape[1], z.shape[2]):
             images = []
             for i in range(z.shape[0]):
@@ -534,11 +534,15 @@ class StableDiffusion:
     def encode_image(self, pixels, eps):
         """Pixels (1, H, W, 3) in [-1, 1] -> scaled latents of the VAE posterior sample mean + std * eps (N, ...)."""
         self.use_models("vae")
-        mean, logvar = self.vae.encode(pixels.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype)))
+        mean, logvar = self.vae.encode(self._vae_input(pixels))
         sample = mean.astype(mx.float32) + mx.exp(0.5 * logvar.astype(mx.float32)) * eps
         if self.vae.config.shift_factor is not None:
             sample = sample - self.vae.config.shift_factor
         return sample * self.vae.config.scaling_factor
+
+    def _vae_input(self, x):
+        """x in the VAE's compute dtype: its weights' (float32 with force_upcast), float32 on the CPU backend."""
+        return x.astype(compute_dtype(self.vae.decoder.conv_in.weight.dtype))
 
     def decode_preview(self, latents):
         """Cheap previews of latents (B, h, w, 4): a linear map to RGB, upscaled to the output size."""

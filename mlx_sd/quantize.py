@@ -85,9 +85,9 @@ def quantize_model(model: nn.Module, bits, group_size, convolutions=False):
             return False
         return module.weight.shape[-1] % group_size == 0
 
-    _quantize_layers(model, group_size, bits, quantizable)
+    _quantize_layers(model, group_size, bits, quantizable, (nn.Linear, nn.Embedding))
     if convolutions:
-        _quantize_convolutions(
+        _quantize_layers(
             model,
             group_size,
             bits,
@@ -95,30 +95,28 @@ def quantize_model(model: nn.Module, bits, group_size, convolutions=False):
                 path.rsplit(".", 1)[-1] not in ("conv_in", "conv_out")
                 and (conv.weight.size // conv.weight.shape[0]) % group_size == 0
             ),
+            (nn.Conv2d,),
         )
     return {"group_size": group_size, "bits": bits, **({"convolutions": True} if convolutions else {})}
 
 
-def _quantize_layers(model, group_size, bits, predicate):
-    """Linear layers as QuantizedLinear, embeddings as nn.QuantizedEmbedding, where predicate(path, module)."""
-    layers = []
-    for path, m in model.named_modules():
-        if isinstance(m, nn.Linear) and predicate(path, m):
-            layers.append((path, QuantizedLinear.from_linear(m, group_size, bits)))
-        elif isinstance(m, nn.Embedding) and predicate(path, m):
-            layers.append((path, nn.QuantizedEmbedding.from_embedding(m, group_size, bits)))
+# a layer type -> its quantized version, made from the float layer
+QUANTIZED = {
+    nn.Linear: QuantizedLinear.from_linear,
+    nn.Embedding: nn.QuantizedEmbedding.from_embedding,
+    nn.Conv2d: QuantizedConv2d,
+}
+
+
+def _quantize_layers(model, group_size, bits, predicate, kinds=tuple(QUANTIZED)):
+    """Replaces the layers of `kinds` (keys of QUANTIZED) where predicate(path, module) by their quantized versions."""
+    layers = [
+        (path, QUANTIZED[next(k for k in kinds if isinstance(m, k))](m, group_size, bits))
+        for path, m in model.named_modules()
+        if isinstance(m, kinds) and predicate(path, m)
+    ]
     if layers:
         model.update_modules(tree_unflatten(layers))
-
-
-def _quantize_convolutions(model, group_size, bits, predicate):
-    convs = [
-        (path, QuantizedConv2d(m, group_size, bits))
-        for path, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and predicate(path, m)
-    ]
-    if convs:
-        model.update_modules(tree_unflatten(convs))
 
 
 def rebuild_quantized(model: nn.Module, weights, quantization, component):
@@ -127,6 +125,5 @@ def rebuild_quantized(model: nn.Module, weights, quantization, component):
     try:
         group_size, bits = quantization["group_size"], quantization["bits"]
         _quantize_layers(model, group_size, bits, lambda path, _: f"{path}.scales" in weights)
-        _quantize_convolutions(model, group_size, bits, lambda path, _: f"{path}.scales" in weights)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{component}: cannot rebuild its quantized layers from {quantization!r} ({e})") from None
