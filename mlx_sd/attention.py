@@ -3,15 +3,17 @@
 On the CPU backend mx.fast.scaled_dot_product_attention materializes the whole (B, heads, L, L) score matrix
 and its softmax (2 x 671 MB for one 4096-token self-attention of SD at 512x512) and spends most of its time in
 exp. `attention` there computes the same result a block of queries at a time, so that the score block stays
-under ATTENTION_BLOCK elements, with the exp of mlx_sd.activations in float32 and the softmax's division
-applied to the (L, head_dim) output instead of the (L, L) weights; the denominator comes from the same matrix
-product (v with a column of ones) and the row maximum from 64-element pieces (row_max). The blocks, and the
-stages of each, are evaluated one after the other (MLX would otherwise interleave up to 20 of them), except
-inside convolution.whole_images(), i.e. while mx.compile traces. SD 1.5's 4096-token self-attention (2 x 8
-heads of 40): 8.7 s with MLX's kernel, 2.1-2.5 s here (x86, 2 cores, OpenBLAS SkylakeX kernels).
+under ATTENTION_BLOCK elements, with the softmax's division applied to the (L, head_dim) output instead of the
+(L, L) weights; the denominator comes from the same matrix product (v with a column of ones). In float32 the
+blocks run in numpy on views of MLX's evaluated arrays (numpy's exp is vectorized; MLX's CPU exp is not), one
+after the other; inside convolution.whole_images(), i.e. while mx.compile traces, and in half precision they
+are MLX operations (float32: the exp of mlx_sd.activations and the row maximum from 64-element pieces,
+row_max). SD 1.5's 4096-token self-attention (2 x 8 heads of 40): 8.7 s with MLX's kernel, 1.6-2.1 s with
+the blocks in MLX, 0.72-0.91 s in numpy (x86, 2 cores, OpenBLAS SkylakeX kernels).
 """
 
 import mlx.core as mx
+import numpy as np
 
 from .activations import exp_nonpositive
 from .convolution import evaluate_blocks
@@ -24,40 +26,55 @@ def attention(q, k, v, scale):
     """softmax(q k^T * scale) v for q (B, heads, Lq, d), k and v (B, heads, Lk, d); unmasked."""
     if mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.dtype == mx.float32 and evaluate_blocks():
+        return _numpy_attention(q, k, v, scale)
     B, heads, Lq, _ = q.shape
     block = max(1, ATTENTION_BLOCK // (B * heads * k.shape[2]))
     kt = k.swapaxes(-1, -2)  # (B, heads, d, Lk)
     q = q * mx.array(scale, q.dtype)
     if q.dtype == mx.float32:
-        # a column of ones: the product with the weights gives the softmax's denominator too (no separate sum)
-        v = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)  # (B, heads, Lk, d + 1)
-    evaluate = evaluate_blocks()
-    if block >= Lq:
-        return _attention_block(q, kt, v, evaluate)
+        v = _with_ones(v)
     outs = []
     for i in range(0, Lq, block):
-        outs.append(_attention_block(q[:, :, i : i + block], kt, v, evaluate))
-        if evaluate:
+        outs.append(_attention_block(q[:, :, i : i + block], kt, v))
+        if evaluate_blocks():
             mx.eval(outs[-1])
-    return mx.concatenate(outs, axis=2)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _attention_block(q, kt, v, evaluate):
-    """With `evaluate`, each stage is evaluated before the next is built, which the CPU backend runs faster
-    than one graph of the block; values unchanged. In float32, v ends with the column of ones."""
-    stage = mx.eval if evaluate else (lambda *arrays: None)
+def _with_ones(v):
+    """v (B, heads, Lk, d) with a column of ones: its product with the weights gives the softmax's denominator
+    too (no separate sum)."""
+    return mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)  # (B, heads, Lk, d + 1)
+
+
+def _attention_block(q, kt, v):
+    """In MLX operations (what mx.compile traces, and half precision); in float32, v ends with the column of
+    ones."""
     scores = q @ kt  # (B, heads, block, Lk)
     if scores.dtype != mx.float32:
         # as MLX's own fallback: a softmax accumulated in float32, weights in the input dtype
         return mx.softmax(scores, axis=-1, precise=True) @ v
-    stage(scores)
-    peak = row_max(scores)
-    stage(peak)
-    weights = exp_nonpositive(scores, peak)  # the subtraction inside the exp's kernels
-    stage(weights)
-    out = weights @ v  # (B, heads, block, d + 1)
-    stage(out)
+    out = exp_nonpositive(scores, row_max(scores)) @ v  # the subtraction inside the exp's kernels
     return out[..., :-1] / out[..., -1:]
+
+
+def _numpy_attention(q, k, v, scale):
+    """The float32 attention on the CPU backend, evaluated now: the same blocks and steps in numpy, on views of
+    MLX's evaluated q, k^T and v. numpy's exp is vectorized (one 2 x 8 x 4096 x 512 score block: 0.04 s against
+    0.26 s for activations.exp_nonpositive), so one SD 1.5 4096-token layer takes 0.72-0.91 s, not 1.6-2.1."""
+    B, heads, Lq, d = q.shape
+    block = max(1, ATTENTION_BLOCK // (B * heads * k.shape[2]))
+    arrays = mx.contiguous(q * mx.array(scale, q.dtype)), mx.contiguous(k.swapaxes(-1, -2)), _with_ones(v)
+    mx.eval(*arrays)
+    q, kt, v = (np.asarray(a) for a in arrays)  # no copies: the arrays stay alive until the end
+    out = np.empty((B, heads, Lq, d), np.float32)
+    for i in range(0, Lq, block):
+        scores = np.matmul(q[:, :, i : i + block], kt)  # (B, heads, block, Lk)
+        np.subtract(scores, scores.max(axis=-1, keepdims=True), out=scores)
+        weighted = np.matmul(np.exp(scores, out=scores), v)  # (B, heads, block, d + 1)
+        np.divide(weighted[..., :-1], weighted[..., -1:], out=out[:, :, i : i + block])
+    return mx.array(out)
 
 
 def row_max(x):

@@ -1,6 +1,7 @@
 """mlx_sd.activations and mlx_sd.attention against float64 references and MLX's own functions."""
 
 import math
+from contextlib import nullcontext
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,6 +10,7 @@ import pytest
 
 from mlx_sd.activations import exp_nonpositive, fast_path, gelu, silu
 from mlx_sd.attention import attention, row_max
+from mlx_sd.convolution import whole_images
 
 
 def inputs(shape=(3, 517, 129), scale=4.0, seed=0):
@@ -72,12 +74,14 @@ def test_activations_under_compile_strided_and_float16(ours, theirs):
     np.testing.assert_array_equal(np.array(ours(half)), np.array(theirs(half)))
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["numpy", "mlx"])
 @pytest.mark.parametrize(
     "lq, lk, block", [(300, 300, 2**24), (300, 77, 2**24), (300, 300, 1000), (5, 9, 1), (40, 1088, 30000)]
 )
-def test_attention_matches_float64(lq, lk, block, monkeypatch):
-    """float32, one or many query blocks, against float64: max abs error <= 3e-6 x max |output| (MLX's fused
-    kernel and torch measured 1.0-1.2e-6 x, ours 1.0-1.4e-6 x)."""
+def test_attention_matches_float64(lq, lk, block, traced, monkeypatch):
+    """float32, one or many query blocks, eagerly (numpy's blocks) and as mx.compile traces it (MLX's), against
+    float64: max abs error <= 3e-6 x max |output| (MLX's fused kernel and torch measured 1.0-1.2e-6 x, ours
+    1.0-1.4e-6 x)."""
     monkeypatch.setattr("mlx_sd.attention.ATTENTION_BLOCK", block)
     rng = np.random.default_rng(lq + lk)
     q = rng.standard_normal((2, 3, lq, 40)).astype(np.float32) * 2
@@ -85,8 +89,10 @@ def test_attention_matches_float64(lq, lk, block, monkeypatch):
     scores = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) / math.sqrt(40)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = (weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64)
-    got = np.array(attention(mx.array(q), mx.array(k), mx.array(v), 40**-0.5))
-    np.testing.assert_allclose(got, expected, atol=3e-6 * np.abs(expected).max(), rtol=0)
+    with whole_images() if traced else nullcontext():
+        got = attention(mx.array(q), mx.array(k), mx.array(v), 40**-0.5)
+    assert got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), expected, atol=3e-6 * np.abs(expected).max(), rtol=0)
 
 
 def test_row_max_is_the_maximum():

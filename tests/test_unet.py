@@ -159,9 +159,9 @@ def test_compiled_unet_reads_current_weights_and_structure(tiny):
     inputs = make_inputs(config, 2, 8, 6)
     compiled = compile_unet(unet)
 
-    def check():
+    def check():  # within float32 rounding: eagerly the CPU attention's softmax runs in numpy, traced in MLX
         expected, got = run_mlx(unet, inputs, 500.0), run_mlx(compiled, inputs, 500.0)
-        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(got, expected, atol=5e-6, rtol=1e-6)
         return got
 
     first = check()
