@@ -201,7 +201,7 @@ def test_compiled_unet_takes_controlnet_residuals(tiny):
     expected = ours(sample, 500.0, context, **extra, **residuals)
     without = ours(sample, 500.0, context, **extra)
     got = compile_unet(ours)(sample, 500.0, context, **extra, **residuals)
-    np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=5e-6, rtol=1e-6)  # numpy softmax eagerly, MLX traced
     assert np.abs(np.array(expected) - np.array(without)).max() > 1e-3
 
 
