@@ -40,8 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mlx_sd.activations import compute_dtype  # noqa: E402
 from mlx_sd.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from mlx_sd.clip import sanitize as sanitize_clip  # noqa: E402
+from mlx_sd.loading import vae_dtype  # noqa: E402
 from mlx_sd.quantize import quantize_model  # noqa: E402
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig, compile_unet  # noqa: E402
 from mlx_sd.unet import sanitize as sanitize_unet  # noqa: E402
@@ -112,8 +114,8 @@ class Reference:
         return self.torch_models[component]
 
     def mlx_model(self, component, quantized=False):
-        """mlx_sd's model, float weights in args.dtype (the VAE in float32 for float16, as force_upcast); with
-        `quantized` and --quantize, its Linear layers quantized (in place, once)."""
+        """mlx_sd's model, float weights in args.dtype (the VAE's as the pipeline keeps them: loading.vae_dtype);
+        with `quantized` and --quantize, its Linear layers quantized (in place, once)."""
         if quantized and self.args.quantize and component not in self.quantized:
             quantize_model(self.mlx_model(component), self.args.quantize, 64)
             self.quantized.add(component)
@@ -132,7 +134,7 @@ class Reference:
 
     def dtype(self, component):
         dtype = getattr(mx, self.args.dtype)
-        return mx.float32 if component == "vae" and dtype == mx.float16 else dtype
+        return vae_dtype(dtype) if component == "vae" else dtype
 
     def drop_torch(self):
         self.torch_models.clear()
@@ -177,7 +179,7 @@ def mlx_sd_runner(ref, component, x, args, compiled=False):
         return lambda: mx.concatenate([e(ids).last_hidden_state for e in encoders], axis=-1)
     if component == "vae":
         vae = ref.mlx_model("vae")
-        z = mx.array(x["latent"]).astype(ref.dtype("vae"))
+        z = mx.array(x["latent"]).astype(compute_dtype(ref.dtype("vae")))
         return lambda: vae.decode(z)
     return mlx_sd_image_runner(ref, args)
 
@@ -425,7 +427,8 @@ def mlx_examples_runner(ref, component, x, args):
             )
         )
         model = shared(model, model_io.map_vae_weights, ref.mlx_model("vae"))
-        z = mx.array(x["latent"]).astype(ref.dtype("vae")) * model.scaling_factor  # their decode divides by it
+        z = mx.array(x["latent"]).astype(compute_dtype(ref.dtype("vae")))
+        z = z * model.scaling_factor  # their decode divides by it
         return lambda: model.decode(z)
     raise SystemExit("--component image is not wired for mlx-examples (its pipeline loads from the Hub)")
 

@@ -5,11 +5,11 @@
 
 (on Linux with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 for MLX's CPU backend).
 The pipeline is built from tests/configs' real configs with random N(0, 0.02) weights made directly in MLX
-in the target dtype (no checkpoint, no torch): the text encoder(s) and UNet in --dtype, the VAE in float32
-when --dtype is float16 (force_upcast, as the pipeline loads it); --quantize 4/8 quantizes the text encoders
-and the UNet as `from_pretrained(quantize=)` does (Linear layers, group 64), --q-convs the UNet's
-convolutions too (`mlx-sd convert --q-convs`). Then one `generate` call (guidance 7.5, Euler, --steps steps)
-runs, with the pipeline's low_memory mode if asked.
+in the target dtype (no checkpoint, no torch): the text encoder(s) and UNet in --dtype, the VAE as the
+pipeline loads it (loading.vae_dtype: float32 for float16 with force_upcast, except on MLX's CPU backend);
+--quantize 4/8 quantizes the text encoders and the UNet as `from_pretrained(quantize=)` does (Linear layers,
+group 64), --q-convs the UNet's convolutions too (`mlx-sd convert --q-convs`). Then one `generate` call
+(guidance 7.5, Euler, --steps steps) runs, with the pipeline's low_memory mode if asked.
 
 Printed per phase: MLX's peak allocation (mx.get_peak_memory, reset at the phase's start: weights included),
 the process's peak resident memory during the phase (VmHWM, reset through /proc/self/clear_refs where Linux
@@ -42,7 +42,7 @@ from compare import CONFIGS, MODELS  # noqa: E402  (this script's folder is on s
 from sdxl_memory import randomize, reset_rss_peak, rss_peak  # noqa: E402
 
 from mlx_sd.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from mlx_sd.loading import bundled_config  # noqa: E402
+from mlx_sd.loading import bundled_config, vae_dtype  # noqa: E402
 from mlx_sd.pipeline import StableDiffusion, StableDiffusionXL  # noqa: E402
 from mlx_sd.quantize import quantize_model  # noqa: E402
 from mlx_sd.tokenizer import CLIPTokenizer  # noqa: E402
@@ -82,8 +82,7 @@ def build(args):
 
     unet = component(args.model, "unet", dtype, args.quantize, args.q_convs)
     vae_cfg = json.loads((CONFIGS / MODELS[args.model] / "vae" / "config.json").read_text())
-    vae_dtype = mx.float32 if dtype == mx.float16 and vae_cfg.get("force_upcast", True) else dtype
-    vae = component(args.model, "vae", vae_dtype)
+    vae = component(args.model, "vae", vae_dtype(dtype, vae_cfg.get("force_upcast", True)))
     scheduler = json.loads((CONFIGS / MODELS[args.model] / "scheduler" / "scheduler_config.json").read_text())
     family = {"sd15": "sd1", "sd21base": "sd2", "sdturbo": "sd2"}.get(args.model, "sdxl")
     components = dict(tokenizer=tokenizer(args.model), unet=unet, vae=vae)

@@ -10,7 +10,8 @@ made directly in MLX in the target dtype: no checkpoint and no torch. Phases, in
   unet step      one CFG step: batch 2 (--batch) of size/8 x size/8 latents, 77 x 2048 context, pooled and time ids
   vae tiled      decode_tiled of one size/8 x size/8 latent (64-latent tiles, 16 overlap); skipped with --no-tiled
   vae untiled    decode of the same latent
-The UNet is freed before the VAE is built. As in the pipeline, a float16 VAE runs in float32 (force_upcast).
+The UNet is freed before the VAE is built. As in the pipeline, a float16 VAE runs in float32 (force_upcast;
+its weights float32 at rest, float16 on MLX's CPU backend: loading.vae_dtype).
 Each phase reports its wall time, MLX's peak allocation (mx.get_peak_memory, reset before the phase), the
 process's peak resident memory during the phase (VmHWM, reset through /proc/self/clear_refs where Linux allows)
 and over the whole run (resource.getrusage ru_maxrss).
@@ -34,6 +35,8 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mlx_sd.activations import compute_dtype  # noqa: E402
+from mlx_sd.loading import vae_dtype as vae_weights_dtype  # noqa: E402
 from mlx_sd.pipeline import DTYPES  # noqa: E402
 from mlx_sd.quantize import quantize_model  # noqa: E402
 from mlx_sd.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
@@ -154,7 +157,7 @@ def main():
     dtype = DTYPES[args.dtype]
     latent_size = args.size // 8
     vae_config = AutoencoderConfig.from_dict(read_json(CONFIGS / "vae" / "config.json"))
-    vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.force_upcast else dtype
+    vae_dtype = vae_weights_dtype(dtype, vae_config.force_upcast)
     quantized = f", UNet {args.quantize}-bit (group 64)" if args.quantize else ""
     print(
         f"SDXL {args.size}x{args.size}, random weights, UNet {args.dtype}{quantized}, VAE {vae_dtype}; "
@@ -170,7 +173,7 @@ def main():
         return
 
     vae = randomize(AutoencoderKL(vae_config), vae_dtype)
-    z = mx.random.normal((1, latent_size, latent_size, 4), dtype=vae_dtype)
+    z = mx.random.normal((1, latent_size, latent_size, 4), dtype=compute_dtype(vae_dtype))
     mx.eval(z)
     if not args.no_tiled:
         run_phase("vae tiled", lambda: mx.eval(vae.decode_tiled(z)), results)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .activations import compute_dtype
 from .clip import CLIPTextConfig, CLIPTextModel
 from .clip import sanitize as sanitize_clip
 from .hub import resolve_model
@@ -251,10 +252,18 @@ def load_denoiser(folder, dtype, quantize=None, checkpoint=None, variant=None):
 
 
 def load_vae(folder, dtype, checkpoint=None, variant=None):
-    """The VAE of a model folder, in float32 where `dtype` is float16 and its config says force_upcast (diffusers':
-    the float16 VAE overflows; bfloat16 does not)."""
+    """The VAE of a model folder, its weights in vae_dtype(dtype, its config's force_upcast)."""
     vae_path = Path(folder) / "vae" / "config.json"
     vae_config = read_json(vae_path)
     check_config("vae", vae_config, vae_path)
-    vae_dtype = mx.float32 if dtype == mx.float16 and vae_config.get("force_upcast", True) else dtype
-    return load_component(folder, "vae", vae_dtype, checkpoint=checkpoint, variant=variant)
+    dtype = vae_dtype(dtype, vae_config.get("force_upcast", True))
+    return load_component(folder, "vae", dtype, checkpoint=checkpoint, variant=variant)
+
+
+def vae_dtype(dtype, force_upcast=True):
+    """The dtype of the VAE's weights in a pipeline of `dtype`: float32 where `dtype` is float16 and the config
+    says force_upcast (diffusers': the float16 VAE overflows; bfloat16 does not), except where float16 weights
+    compute in float32 anyway (MLX's CPU backend, activations.compute_dtype): there they stay float16 at rest,
+    half the memory for the same images."""
+    upcast = dtype == mx.float16 and force_upcast and compute_dtype(dtype) == dtype
+    return mx.float32 if upcast else dtype

@@ -25,6 +25,7 @@ from mlx_sd import convert as convert_module
 from mlx_sd.controlnet import CONTROLNET_PROBE
 from mlx_sd.convert import convert, convert_command
 from mlx_sd.info import describe
+from mlx_sd.loading import vae_dtype
 from mlx_sd.quantize import QuantizedLinear, quantize_model
 
 LDM_FAMILY = {"sd1": "sd1", "sd2v": "sd2", "sdxl": "sdxl"}
@@ -450,15 +451,22 @@ def test_cli(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
-def test_float16_weights_compute_in_float32_on_the_cpu(tiny, tmp_path):
-    """On MLX's CPU backend a float16 model keeps float16 weights at rest and runs its activations in float32
-    (activations.compute_dtype): the image of the float32 model with the same float16-rounded weights."""
+def test_float16_weights_compute_in_float32_on_the_cpu(tiny, tmp_path, monkeypatch):
+    """On MLX's CPU backend a float16 model keeps float16 weights at rest, the VAE's too (force_upcast: float32
+    at rest elsewhere), and runs its activations in float32 (activations.compute_dtype): the image of the float32
+    model with the same float16-rounded weights."""
     _, folder, _ = tiny("sd1")
     out = convert(folder, tmp_path / "mlx")
     half = StableDiffusion.from_pretrained(out, dtype="float16")
     full = StableDiffusion.from_pretrained(out, dtype="float32")
     assert half.compute_dtype == mx.float32 and half.unet.conv_in.weight.dtype == mx.float16
-    assert {v.dtype for _, v in tree_flatten(half.unet.parameters())} == {mx.float16}
+    for name in ("unet", "vae", "text_encoder"):
+        assert {v.dtype for _, v in tree_flatten(getattr(half, name).parameters())} == {mx.float16}, name
+    assert vae_dtype(mx.float16) == mx.float16
+    monkeypatch.setattr("mlx_sd.loading.compute_dtype", lambda dtype: dtype)  # a GPU: float16 arithmetic
+    assert vae_dtype(mx.float16) == mx.float32 and vae_dtype(mx.float16, force_upcast=False) == mx.float16
+    assert vae_dtype(mx.bfloat16) == mx.bfloat16
+    monkeypatch.undo()
     a, b = generate(half, LATENTS), generate(full, LATENTS)
     assert np.array_equal(a, b)  # each layer's weights promoted to float32: the same arithmetic
     c = half.encode_prompt(["a"], [""], 1.0)
