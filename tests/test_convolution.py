@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_sd.activations import silu
-from mlx_sd.convolution import conv3x3, shifted_conv3x3, shifted_products, upsample2x
+from mlx_sd.convolution import conv3x3, shifted_conv3x3, shifted_products, shifted_sums_conv3x3, upsample2x
 from mlx_sd.quantize import QuantizedConv2d
 
 
@@ -53,14 +53,29 @@ def test_row_blocks_bound_the_unfolded_input():
     assert mx.get_peak_memory() - base < 2 * x.nbytes
 
 
+@pytest.mark.parametrize("outputs", [80, 3])
 @pytest.mark.parametrize("batch, height, width, bias", [(2, 64, 64, True), (1, 5, 7, False), (3, 9, 4, True)])
-def test_shifted_products_match_the_convolution(batch, height, width, bias):
-    """shifted_conv3x3 (nine shifted matrix products on the padded, flattened images) against MLX's convolution:
-    within float32 rounding, image borders and several images included."""
-    conv = nn.Conv2d(64, 80, 3, padding=1, bias=bias)
+def test_shifted_products_match_the_convolution(batch, height, width, bias, outputs):
+    """shifted_conv3x3 (nine shifted matrix products on the padded, flattened images) and shifted_sums_conv3x3
+    (one product, nine shifted sums of its outputs) against MLX's convolution: within float32 rounding, image
+    borders and several images included."""
+    conv = nn.Conv2d(64, outputs, 3, padding=1, bias=bias)
     x = mx.random.normal((batch, height, width, 64), key=mx.random.key(height))
-    got = shifted_conv3x3(x, conv.weight, conv.bias if bias else None)
-    np.testing.assert_allclose(np.array(got), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+    for products in (shifted_conv3x3, shifted_sums_conv3x3):
+        got = products(x, conv.weight, conv.bias if bias else None)
+        np.testing.assert_allclose(np.array(got), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_few_output_channels_take_the_shifted_sums(monkeypatch):
+    """The VAE's conv_out (128 -> 3) at 64x64 and more takes shifted_sums_conv3x3; 32 outputs keep MLX's
+    convolution, 64 the nine products; in row blocks, the same values as MLX's convolution."""
+    x = mx.random.normal((1, 96, 96, 128), key=mx.random.key(7))
+    kinds = {o: shifted_products(nn.Conv2d(128, o, 3, padding=1), x) for o in (3, 8, 16, 32, 64)}
+    assert kinds == {3: "outputs", 8: "outputs", 16: "outputs", 32: None, 64: "inputs"}
+    assert shifted_products(nn.Conv2d(128, 3, 3, padding=1), x[:, :64, :64]) is None  # 4096 pixels: too few
+    conv = nn.Conv2d(128, 3, 3, padding=1)
+    monkeypatch.setattr("mlx_sd.convolution.CONV_BLOCK", 3 * 96 * 128 * 10)  # blocks of 10 rows
+    np.testing.assert_allclose(np.array(conv3x3(conv, x, silu)), np.array(conv(silu(x))), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("upsample", [False, True])
