@@ -78,7 +78,6 @@ def shifted_products(conv, x, scale=1):
     (its weights in any dtype, promoted to float32 for the call) with at least SHIFTED_MIN_PIXELS output pixels
     and 64 input channels: "inputs" for 64 output channels or more, "outputs" for SHIFTED_SUMS_MAX or fewer."""
     B, H, W, C = x.shape
-    outputs = _kernel_shape(conv)[0]
     if (
         type(conv) not in (nn.Conv2d, QuantizedConv2d)
         or x.dtype != mx.float32
@@ -87,6 +86,7 @@ def shifted_products(conv, x, scale=1):
         or C < 64
     ):
         return None
+    outputs = _kernel_shape(conv)[0]
     return "inputs" if outputs >= 64 else "outputs" if outputs <= SHIFTED_SUMS_MAX else None
 
 
