@@ -3,6 +3,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import fast_path, silu
+
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm(pytorch_compatible=True); in float32 on the CPU, from two reductions and one fused pass.
@@ -19,17 +21,10 @@ class GroupNorm(nn.GroupNorm):
 
     def normalizer(self, x):
         """A function that normalizes x, or any block of its rows, with x's statistics."""
-        if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        if not fast_path(x):
             return super().__call__
-        B, H, W, C = x.shape
-        G, n = self.num_groups, H * W * (C // self.num_groups)
-
-        def group_sums(t):  # (B, H, W, C) -> (B, 1, G, 1): per-channel sums over rows, then columns (fast)
-            return t.sum(axis=2).sum(axis=1).reshape(B, G, -1).sum(axis=-1).reshape(B, 1, G, 1)
-
-        mean = group_sums(x) / n
-        per_channel = mx.broadcast_to(mean.reshape(B, G, 1), (B, G, C // G)).reshape(B, 1, 1, C)
-        inv_std = mx.rsqrt(group_sums(mx.square(x - per_channel)) / n + self.eps)
+        B, _, _, C = x.shape
+        mean, inv_std = self.statistics(x)
         w, b = (p.reshape(self.num_groups, -1) for p in (self.weight, self.bias))
 
         def normalize(rows):
@@ -38,13 +33,56 @@ class GroupNorm(nn.GroupNorm):
 
         return normalize
 
+    def statistics(self, x):
+        """The mean and 1 / standard deviation of each group of float32 x (B, H, W, C), each (B, 1, G, 1)."""
+        B, H, W, C = x.shape
+        G, n = self.num_groups, H * W * (C // self.num_groups)
+
+        def group_sums(t):  # (B, H, W, C) -> (B, 1, G, 1): per-channel sums over rows, then columns (fast)
+            return t.sum(axis=2).sum(axis=1).reshape(B, G, -1).sum(axis=-1).reshape(B, 1, G, 1)
+
+        mean = group_sums(x) / n
+        inv_std = mx.rsqrt(group_sums(mx.square(x - self._per_channel(mean, C).reshape(B, 1, 1, C))) / n + self.eps)
+        return mean, inv_std
+
+    def affine(self, x):
+        """The normalization of float32 x as x * scale + shift per channel: (scale, shift), each (B, C)."""
+        mean, inv_std = self.statistics(x)
+        scale = self._per_channel(inv_std, x.shape[-1]) * self.weight
+        return scale, self.bias - self._per_channel(mean, x.shape[-1]) * scale
+
+    def _per_channel(self, t, channels):
+        """(B, 1, G, 1) per group -> (B, C) per channel."""
+        B, G = t.shape[0], self.num_groups
+        return mx.broadcast_to(t.reshape(B, G, 1), (B, G, channels // G)).reshape(B, channels)
+
 
 @mx.compile
 def _normalize(g, mean, inv_std, weight, bias):
     return (g - mean) * (inv_std * weight) + bias
 
 
+class NormAct:
+    """rows -> act(norm(rows)) with the statistics of x: a prologue for convolution.conv3x3. Where that is
+    GroupNorm and SiLU on float32 x on the CPU, `affine()` gives the normalization per channel, for
+    convolution's numpy path to apply with the SiLU itself."""
+
+    def __init__(self, norm, x, act):
+        self.norm, self.x, self.act = norm, x, act
+        self._normalize = None
+
+    def __call__(self, rows):
+        if self._normalize is None:
+            self._normalize = self.norm.normalizer(self.x)
+        return self.act(self._normalize(rows))
+
+    def affine(self):
+        """(scale, shift), each (B, C), or None where the prologue is not GroupNorm + SiLU on the fast path."""
+        if self.act is not silu or not isinstance(self.norm, GroupNorm) or not fast_path(self.x):
+            return None
+        return self.norm.affine(self.x)
+
+
 def norm_act(norm, x, act):
-    """rows -> act(norm(rows)) with the statistics of x: a prologue for convolution.conv3x3."""
-    normalize = norm.normalizer(x)
-    return lambda rows: act(normalize(rows))
+    """rows -> act(norm(rows)) with the statistics of x: a prologue for convolution.conv3x3 (a NormAct)."""
+    return NormAct(norm, x, act)

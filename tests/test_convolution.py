@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from mlx_sd.activations import silu
+from mlx_sd.convolution import _numpy_block as numpy_block
 from mlx_sd.convolution import conv3x3, shifted_conv3x3, shifted_products, shifted_sums_conv3x3, upsample2x
+from mlx_sd.norms import GroupNorm, norm_act
 from mlx_sd.quantize import QuantizedConv2d
 
 
@@ -112,3 +114,27 @@ def test_shifted_products_take_float16_and_quantized_kernels(kind):
     assert got.dtype == mx.float32
     expected = mx.conv2d(x, kernel, padding=1) + conv.bias.astype(mx.float32)
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("upsample, normalize", [(False, True), (True, False), (False, False)])
+def test_numpy_path_matches_the_convolution(upsample, normalize, monkeypatch):
+    """conv3x3's numpy path (eagerly on the CPU: GroupNorm + SiLU or no prologue, optional 2x upsampling, a
+    residual, 2 images, blocks of 7 rows) against MLX's convolution of the same input, within float32 rounding."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy path is a CPU path")
+    B, H, W, C, out = 2, 32 if upsample else 64, 40 if upsample else 64, 64, 72
+    x = mx.random.normal((B, H, W, C), key=mx.random.key(8)) * 2 + 1
+    conv = nn.Conv2d(C, out, 3, padding=1)
+    norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
+    norm.weight, norm.bias = (mx.random.normal((C,), key=mx.random.key(i)) for i in (9, 10))
+    scale = 2 if upsample else 1
+    residual = mx.random.normal((B, scale * H, scale * W, out), key=mx.random.key(11))
+    calls = []
+    monkeypatch.setattr("mlx_sd.convolution._numpy_block", lambda *a: calls.append(a[1]) or numpy_block(*a))
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 3 * (scale * W + 2) * C * 7)
+    prologue = norm_act(norm, x, silu) if normalize else None
+    got = conv3x3(conv, x, prologue, upsample, residual=lambda a, b: residual[:, a:b])
+    assert sorted(set(calls)) == list(range(0, scale * H, 7))  # row blocks of each image
+    y = nn.silu(nn.GroupNorm.__call__(norm, x)) if normalize else x
+    expected = conv(upsample2x(y) if upsample else y) + residual
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=2e-5)
