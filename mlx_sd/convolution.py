@@ -54,9 +54,10 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
     scale = 2 if upsample else 1
     copies = 9  # the unfolded input of MLX's convolution; the shifted products' padded copy and prologue: ~3
     kind = shifted_products(conv, x, scale)
-    affine = None if prologue is None else getattr(prologue, "affine", lambda: None)()
-    if kind == "inputs" and evaluate_blocks() and (prologue is None or affine is not None):
-        return _numpy_conv3x3(conv, x, affine, upsample, residual)
+    if kind == "inputs" and evaluate_blocks():
+        affine = None if prologue is None else getattr(prologue, "affine", lambda: None)()
+        if prologue is None or affine is not None:
+            return _numpy_conv3x3(conv, x, affine, upsample, residual)
     if kind:
         conv, copies = _shifted(conv, kind), 3
     rows = max(1, CONV_BLOCK // (copies * B * scale * W * C))
@@ -90,7 +91,7 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual):
     give 1.05e-6)."""
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
-    weight = conv.kernel(mx.float32) if isinstance(conv, QuantizedConv2d) else conv.weight.astype(mx.float32)
+    weight = _float32_kernel(conv)
     arrays = [mx.contiguous(x), weight.transpose(1, 2, 3, 0).reshape(3, 3 * C, -1)]  # per dy: (dx, C) x O
     arrays += [conv.bias.astype(mx.float32)] if "bias" in conv else []
     arrays += list(affine or ())
@@ -174,10 +175,14 @@ def _shifted(conv, kind):
     products = shifted_conv3x3 if kind == "inputs" else shifted_sums_conv3x3
 
     def run(x):
-        weight = conv.kernel(mx.float32) if isinstance(conv, QuantizedConv2d) else conv.weight.astype(mx.float32)
-        return products(x, weight, conv.bias if "bias" in conv else None)
+        return products(x, _float32_kernel(conv), conv.bias if "bias" in conv else None)
 
     return run
+
+
+def _float32_kernel(conv):
+    """The layer's OHWI kernel in float32 (promoted from float16, or dequantized)."""
+    return conv.kernel(mx.float32) if isinstance(conv, QuantizedConv2d) else conv.weight.astype(mx.float32)
 
 
 def shifted_conv3x3(x, weight, bias=None):
