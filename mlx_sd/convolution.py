@@ -46,10 +46,12 @@ def upsample2x(x):
     return x.reshape(B, 2 * H, 2 * W, C)  # (B, 2H, 2W, C)
 
 
-def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
+def conv3x3(conv, x, prologue=None, upsample=False, residual=None, overwrite=False):
     """conv(prologue(upsample2x(x))) + residual() for a 3x3, stride-1, padding-1 convolution layer (nn.Conv2d or
     a quantized one) on NHWC x. Optional: `prologue` (elementwise: it sees blocks of rows), the upsampling, and
-    `residual(start, stop)`, the rows start..stop of a term added to the output."""
+    `residual(start, stop)`, the rows start..stop of a term added to the output. overwrite=True lets the numpy
+    path write the output over x where the shapes agree (each block once the rows it reads are read): for an x
+    that nothing reads afterwards, so that the two never exist at once."""
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     copies = 9  # the unfolded input of MLX's convolution; the shifted products' padded copy and prologue: ~3
@@ -57,7 +59,7 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
     if kind == "inputs" and evaluate_blocks():
         affine = None if prologue is None else getattr(prologue, "affine", lambda: None)()
         if prologue is None or affine is not None:
-            return _numpy_conv3x3(conv, x, affine, upsample, residual)
+            return _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite)
     if kind:
         conv, copies = _shifted(conv, kind), 3
     rows = max(1, CONV_BLOCK // (copies * B * scale * W * C))
@@ -80,7 +82,19 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None):
     return out
 
 
-def _numpy_conv3x3(conv, x, affine, upsample, residual):
+def pointwise(conv, x):
+    """A 1x1 convolution layer on NHWC x; an nn.Conv2d as one matrix product (MLX's CPU convolution took 26 MiB
+    of temporaries for a 5.5 MiB output: 21 rows of 512 x 512 x 256 -> 128), other layers (LoRA, quantized)
+    as themselves."""
+    if type(conv) is not nn.Conv2d:
+        return conv(x)
+    weight = conv.weight.reshape(conv.weight.shape[0], -1).T  # (O, 1, 1, I) -> (I, O)
+    rows = x.reshape(-1, x.shape[-1])
+    out = mx.addmm(conv.bias, rows, weight) if "bias" in conv else rows @ weight
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     """conv3x3 on the CPU backend, evaluated now, with numpy on views of MLX's evaluated arrays: per block of
     output rows and image, the prologue (GroupNorm's per-channel `affine` (scale, shift) and SiLU, if given)
     is written into a zero-padded block flattened to rows of (W + 2) pixels, the three dx taps of it side by
@@ -88,7 +102,8 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual):
     rows. numpy's elementwise work is vectorized (MLX's CPU kernels are not here) and products with K = 3 C use
     the BLAS better than nine with K = C: a 512x512 GroupNorm + SiLU + 128 -> 128 convolution took 0.65x the
     time of the nine shifted products in MLX, within float32 rounding (1.4e-6 against float64 where those
-    give 1.05e-6)."""
+    give 1.05e-6). Each block is written into the output's buffer one block late, when the next block has read
+    its input rows: with `overwrite` (and no upsampling, as many outputs as inputs) that buffer is x's own."""
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     weight = _float32_kernel(conv)
@@ -98,18 +113,25 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual):
     mx.eval(*arrays)
     images, kernels, *rest = (np.asarray(a) for a in arrays)  # no copies: `arrays` stays alive until the end
     bias = rest.pop(0) if "bias" in conv else None
+    if overwrite and scale == 1 and kernels.shape[-1] == C:
+        out = arrays[0]
+    else:
+        out = _evaluated(mx.zeros((B, scale * H, scale * W, kernels.shape[-1]), mx.float32))
+    target = np.asarray(out)  # a view: writing it writes `out`
     rows = max(1, NUMPY_CONV_BLOCK // (3 * (scale * W + 2) * C))
-    out = None
+    pending = []
     for start in range(0, scale * H, rows):
         stop = min(start + rows, scale * H)
         blocks = [_numpy_block(images[b], start, stop, scale, [a[b] for a in rest], kernels, bias) for b in range(B)]
-        block = np.stack(blocks)
         if residual is not None:
-            block += np.asarray(_evaluated(mx.contiguous(residual(start, stop))))
-        if out is None:
-            out = mx.zeros((B, scale * H, scale * W, kernels.shape[-1]), mx.float32)
-        out[:, start:stop] = mx.array(block)
-        mx.eval(out)  # in place
+            extra = np.asarray(_evaluated(mx.contiguous(residual(start, stop))))
+            for b, block in enumerate(blocks):
+                block += extra[b]
+        for b, (a, z, block) in enumerate(pending):  # the block before: its input rows are all read now
+            target[b, a:z] = block
+        pending = [(start, stop, block) for block in blocks]
+    for b, (a, z, block) in enumerate(pending):
+        target[b, a:z] = block
     return out
 
 

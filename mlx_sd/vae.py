@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from .activations import gelu, silu
 from .attention import attention
-from .convolution import conv3x3
+from .convolution import conv3x3, pointwise
 from .norms import GroupNorm, norm_act
 
 # diffusers.models.activations.ACT2CLS
@@ -74,10 +74,15 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x):
-        # on the CPU the norms and activations run block by block inside the convolutions (convolution.py)
+        # on the CPU the norms and activations run block by block inside the convolutions (convolution.py), and
+        # the output may take h's place: nothing reads h afterwards
         h = conv3x3(self.conv1, x, norm_act(self.norm1, x, self.act))
-        shortcut = self.conv_shortcut if "conv_shortcut" in self else (lambda rows: rows)
-        return conv3x3(self.conv2, h, norm_act(self.norm2, h, self.act), residual=lambda a, b: shortcut(x[:, a:b]))
+
+        def residual(start, stop):  # x's rows, through the 1x1 shortcut where the channels change
+            rows = x[:, start:stop]
+            return pointwise(self.conv_shortcut, rows) if "conv_shortcut" in self else rows
+
+        return conv3x3(self.conv2, h, norm_act(self.norm2, h, self.act), residual=residual, overwrite=True)
 
 
 class Attention(nn.Module):
@@ -146,9 +151,12 @@ class DownEncoderBlock2D(nn.Module):
         self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
 
     def __call__(self, x):
-        for layer in self.resnets + self.downsamplers:
+        for layer in self.layers():
             x = layer(x)
         return x
+
+    def layers(self):
+        return self.resnets + self.downsamplers
 
 
 class UpDecoderBlock2D(nn.Module):
@@ -160,9 +168,12 @@ class UpDecoderBlock2D(nn.Module):
         self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
 
     def __call__(self, x):
-        for layer in self.resnets + self.upsamplers:
+        for layer in self.layers():
             x = layer(x)
         return x
+
+    def layers(self):
+        return self.resnets + self.upsamplers
 
 
 class Encoder(nn.Module):
@@ -190,8 +201,8 @@ class Encoder(nn.Module):
 
     def __call__(self, x):
         x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
+        for layer in layers(self.down_blocks):
+            x = layer(x)
         x = self.mid_block(x)
         return self.conv_out(self.act(self.conv_norm_out(x)))
 
@@ -222,9 +233,16 @@ class Decoder(nn.Module):
 
     def __call__(self, z):
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        for layer in layers(self.up_blocks):
+            x = layer(x)
         return conv3x3(self.conv_out, x, norm_act(self.conv_norm_out, x, self.act))
+
+
+def layers(blocks):
+    """The resnets and resamplers of up or down blocks in order, for one loop over them all: a loop over the
+    blocks would keep each block's input alive until its last layer (at 512 x 512, the 256 MiB input of the SD
+    VAE's last up block during all three of its resnets)."""
+    return [layer for block in blocks for layer in block.layers()]
 
 
 class AutoencoderKL(nn.Module):

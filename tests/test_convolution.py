@@ -7,7 +7,14 @@ import pytest
 
 from mlx_sd.activations import silu
 from mlx_sd.convolution import _numpy_block as numpy_block
-from mlx_sd.convolution import conv3x3, shifted_conv3x3, shifted_products, shifted_sums_conv3x3, upsample2x
+from mlx_sd.convolution import (
+    conv3x3,
+    pointwise,
+    shifted_conv3x3,
+    shifted_products,
+    shifted_sums_conv3x3,
+    upsample2x,
+)
 from mlx_sd.norms import GroupNorm, norm_act
 from mlx_sd.quantize import QuantizedConv2d
 
@@ -138,3 +145,42 @@ def test_numpy_path_matches_the_convolution(upsample, normalize, monkeypatch):
     y = nn.silu(nn.GroupNorm.__call__(norm, x)) if normalize else x
     expected = conv(upsample2x(y) if upsample else y) + residual
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_numpy_path_can_write_over_its_input(rows, monkeypatch):
+    """overwrite=True (GroupNorm + SiLU prologue, a residual, 2 images, blocks of 1, 7 or all 64 rows): the
+    same values as into a new array, in x's own buffer (each block is written once the next block has read
+    the rows above it; one block too early would change the next block's input), so that no second array of
+    x's size is allocated."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy path is a CPU path")
+    B, H, W, C = 2, 64, 64, 64
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 3 * (W + 2) * C * rows)
+    monkeypatch.setattr("mlx_sd.norms.NORM_BLOCK", B * 4 * W * C)  # GroupNorm's squares, 4 rows at a time
+    calls = []
+    monkeypatch.setattr("mlx_sd.convolution._numpy_block", lambda *a: calls.append(a[1]) or numpy_block(*a))
+    conv = nn.Conv2d(C, C, 3, padding=1)
+    norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
+    residual = mx.random.normal((B, H, W, C), key=mx.random.key(12))
+    x = mx.random.normal((B, H, W, C), key=mx.random.key(13))
+    mx.eval(conv.parameters(), norm.parameters(), residual, x)
+    expected = np.array(conv3x3(conv, x, norm_act(norm, x, silu), residual=lambda a, b: residual[:, a:b]))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    got = conv3x3(conv, x, norm_act(norm, x, silu), residual=lambda a, b: residual[:, a:b], overwrite=True)
+    peak = mx.get_peak_memory() - base
+    np.testing.assert_array_equal(np.array(got), expected)
+    assert sorted(set(calls)) == list(range(0, H, rows))  # the numpy path ran, in these blocks
+    np.testing.assert_array_equal(np.array(x), expected)  # x's buffer holds the output
+    assert peak < x.nbytes / 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_matches_the_convolution(bias):
+    conv = nn.Conv2d(64, 24, 1, bias=bias)
+    x = mx.random.normal((2, 5, 7, 64), key=mx.random.key(14))
+    got = pointwise(conv, x)
+    assert got.shape == (2, 5, 7, 24)
+    np.testing.assert_allclose(np.array(got), np.array(conv(x)), rtol=1e-5, atol=1e-5)
