@@ -12,7 +12,9 @@ within float32 rounding of MLX's convolution), or with few output channels as on
 shifted and summed (shifted_sums_conv3x3: 7x faster for the VAE's conv_out), chosen once per image; their
 blocks agree with one call within float32 rounding. Where those products would be used and the prologue is
 GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in numpy instead (_numpy_conv3x3:
-vectorized elementwise work, three products with K = 3 C; 0.73-0.89x the time). Elsewhere (Metal, CUDA:
+vectorized elementwise work, and Winograd's F(2x2, 3x3), 16 multiplications per 2 x 2 outputs and channel in
+place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's decode at 512 x 512 0.76x;
+the error against float64 is 1.6x that of the direct products). Elsewhere (Metal, CUDA:
 implicit-GEMM convolutions), when one block covers the image, and inside `whole_images()` (what mx.compile
 traces: the blocks are evaluated as they go), it is one call.
 """
@@ -33,8 +35,13 @@ CONV_BLOCK = 2**23
 # output pixels (all images) from which a float32 CPU convolution is nine shifted products rather than MLX's
 # unfolding convolution: 1.4-2.4x faster from 2 x 64 x 64 pixels, slower on 2 x 16 x 16 (x86, OpenBLAS)
 SHIFTED_MIN_PIXELS = 8192
-# unfolded elements (3 taps side by side) per block of the numpy path (4M: 16 MiB; smaller blocks stay in caches)
-NUMPY_CONV_BLOCK = 2**22
+# transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (2M: 8 MiB;
+# blocks that stay in the caches: 512 x 512 x 128 took 1.05 s in blocks of 6-8 rows, 1.8 s in blocks of 20)
+NUMPY_CONV_BLOCK = 2**21
+# Winograd F(2x2, 3x3): the input transform B^T d B of a 4 x 4 tile and the output transform A^T m A of its 4 x 4
+# products, as (index, sign) terms over a tile's rows or columns 0-3 (the kernel transform G k G^T: _kernel_rows)
+WINOGRAD_B = (((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1)))
+WINOGRAD_A = (((0, 1), (1, 1), (2, 1)), ((1, 1), (2, -1), (3, -1)))
 # output channels up to which the shifted form sums shifted outputs of one product (see shifted_sums_conv3x3)
 SHIFTED_SUMS_MAX = 16
 
@@ -97,72 +104,168 @@ def pointwise(conv, x):
 def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     """conv3x3 on the CPU backend, evaluated now, with numpy on views of MLX's evaluated arrays: per block of
     output rows and image, the prologue (GroupNorm's per-channel `affine` (scale, shift) and SiLU, if given)
-    is written into a zero-padded block flattened to rows of (W + 2) pixels, the three dx taps of it side by
-    side (3 C columns), and the output is three products, one per dy, of its slices shifted by dy * (W + 2)
-    rows. numpy's elementwise work is vectorized (MLX's CPU kernels are not here) and products with K = 3 C use
-    the BLAS better than nine with K = C: a 512x512 GroupNorm + SiLU + 128 -> 128 convolution took 0.65x the
-    time of the nine shifted products in MLX, within float32 rounding (1.4e-6 against float64 where those
-    give 1.05e-6). Each block is written into the output's buffer one block late, when the next block has read
-    its input rows: with `overwrite` (and no upsampling, as many outputs as inputs) that buffer is x's own."""
+    is written into a zero-padded block (numpy's elementwise work is vectorized; MLX's CPU kernels are not
+    here), then convolved by Winograd's F(2x2, 3x3) (_winograd: 16 products with K = C in place of 36 per
+    2 x 2 outputs) or, for an odd number of rows or columns, by three products with K = 3 C (_products).
+    Each block is written into the output's buffer one block late, when the next block has read its input
+    rows: with `overwrite` (and no upsampling, as many outputs as inputs) that buffer is x's own."""
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     weight = _float32_kernel(conv)
-    arrays = [mx.contiguous(x), weight.transpose(1, 2, 3, 0).reshape(3, 3 * C, -1)]  # per dy: (dx, C) x O
+    arrays = [mx.contiguous(x), weight]
     arrays += [conv.bias.astype(mx.float32)] if "bias" in conv else []
     arrays += list(affine or ())
     mx.eval(*arrays)
-    images, kernels, *rest = (np.asarray(a) for a in arrays)  # no copies: `arrays` stays alive until the end
+    images, weight, *rest = (np.asarray(a) for a in arrays)  # no copies: `arrays` stays alive until the end
     bias = rest.pop(0) if "bias" in conv else None
-    if overwrite and scale == 1 and kernels.shape[-1] == C:
+    kernels = _Kernels(weight)
+    if overwrite and scale == 1 and weight.shape[0] == C:
         out = arrays[0]
     else:
-        out = _evaluated(mx.zeros((B, scale * H, scale * W, kernels.shape[-1]), mx.float32))
+        out = _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
-    rows = max(1, NUMPY_CONV_BLOCK // (3 * (scale * W + 2) * C))
+    rows = max(2, NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
     pending = []
     for start in range(0, scale * H, rows):
         stop = min(start + rows, scale * H)
-        blocks = [_numpy_block(images[b], start, stop, scale, [a[b] for a in rest], kernels, bias) for b in range(B)]
+        blocks = [_numpy_block(images[b], start, stop, scale, [a[b] for a in rest], kernels) for b in range(B)]
+        for block in blocks:
+            if bias is not None:
+                block += bias
         if residual is not None:
             extra = np.asarray(_evaluated(mx.contiguous(residual(start, stop))))
             for b, block in enumerate(blocks):
-                block += extra[b]
+                block += extra[b].reshape(block.shape)
         for b, (a, z, block) in enumerate(pending):  # the block before: its input rows are all read now
-            target[b, a:z] = block
+            _write(target[b, a:z], block)
         pending = [(start, stop, block) for block in blocks]
     for b, (a, z, block) in enumerate(pending):
-        target[b, a:z] = block
+        _write(target[b, a:z], block)
     return out
 
 
-def _numpy_block(image, start, stop, scale, affine, kernels, bias):
-    """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C) as numpy (rows, scale * W, O)."""
+def _write(rows, block):
+    """Writes a block (rows, width, O), or its (rows / 2, 2, width / 2, 2, O) tiles, into contiguous `rows`."""
+    view = rows.view()
+    view.shape = block.shape  # raises rather than copies
+    view[...] = block
+
+
+class _Kernels:
+    """An OHWI 3x3 kernel (numpy float32) in the layouts of _products (per dy: (dx, C) x O) and _winograd (the 16
+    transformed (C, O) kernels G k G^T, made once per call: 25 ms for 512 x 512 channels)."""
+
+    def __init__(self, weight):
+        self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a copy
+        self._winograd = None
+
+    @property
+    def winograd(self):
+        if self._winograd is None:
+            k = self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1])  # (dy, dx, C, O)
+            rows = np.empty((4, *k.shape[1:]), np.float32)
+            _kernel_rows(k, rows)  # across dy
+            u = np.empty((4, 4, *k.shape[2:]), np.float32)
+            _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
+            self._winograd = u.reshape(16, *k.shape[2:])
+        return self._winograd
+
+
+def _kernel_rows(parts, out):
+    """out[0..3] = G (parts[0..2]): p0, (p0 + p1 + p2) / 2, (p0 - p1 + p2) / 2 and p2."""
+    np.copyto(out[0], parts[0])
+    np.copyto(out[3], parts[2])
+    np.add(parts[0], parts[2], out=out[1])
+    np.copyto(out[2], out[1])
+    out[1] += parts[1]
+    out[2] -= parts[1]
+    out[1:3] *= 0.5
+
+
+def _numpy_block(image, start, stop, scale, affine, kernels):
+    """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), no bias: numpy (rows, scale * W, O), or
+    from _winograd its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O)."""
     H, W, C = image.shape
-    Wp = scale * W + 2
-    padded = np.zeros((stop - start + 3, Wp, C), np.float32)  # input rows start - 1 .. stop, and one spare
+    rows, width = stop - start, scale * W
     top, bottom = max(start - 1, 0), min(stop + 1, scale * H)  # the rows inside the (upsampled) image
-    rows = image[top // scale : (bottom - 1) // scale + 1]
+    inputs = image[top // scale : (bottom - 1) // scale + 1]
     if scale == 2:
-        rows = np.repeat(np.repeat(rows, 2, axis=0), 2, axis=1)[top % 2 :]
-    inside = padded[top - start + 1 : bottom - start + 1, 1:-1]
-    if affine:
-        np.multiply(rows[: bottom - top], affine[0], out=inside)
-        inside += affine[1]
-        denominator = np.exp(np.negative(inside))  # SiLU: x / (1 + e**-x)
-        denominator += 1
-        np.divide(inside, denominator, out=inside)
+        inputs = np.repeat(inputs, 2, axis=0)[top % 2 :]
+    inputs, first = inputs[: bottom - top], top - start + 1  # and the padded row they start at
+    if rows % 2 or width % 2:
+        padded = np.zeros((rows + 3, width + 2, C), np.float32)  # input rows start - 1 .. stop, one spare
+        inputs = np.repeat(inputs, 2, axis=1) if scale == 2 else inputs
+        _prologue(padded[first : first + len(inputs), 1:-1], inputs, affine)
+        return _products(padded, rows, width, kernels.per_dy)
+    # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones) first, then even ones
+    padded = np.zeros((rows + 3, 2, width // 2 + 1, C), np.float32)
+    odd, even = padded[first : first + len(inputs), 1, :-1], padded[first : first + len(inputs), 0, 1:]
+    _prologue(odd, inputs if scale == 2 else inputs[:, 0::2], affine)
+    if scale == 2:
+        even[...] = odd  # nearest 2x: each input column twice
     else:
-        inside[...] = rows[: bottom - top]
+        _prologue(even, inputs[:, 1::2], affine)
+    return _winograd(padded, rows, kernels.winograd)
+
+
+def _prologue(out, inputs, affine):
+    """out = SiLU(inputs * scale + shift) for affine = (scale, shift); inputs themselves for no affine."""
+    if not affine:
+        out[...] = inputs
+        return
+    np.multiply(inputs, affine[0], out=out)
+    out += affine[1]
+    denominator = np.exp(np.negative(out))  # SiLU: x / (1 + e**-x)
+    denominator += 1
+    np.divide(out, denominator, out=out)
+
+
+def _products(padded, rows, width, kernels):
+    """The 3x3 convolution of a zero-padded block (rows + 3, width + 2, C): its rows flattened, the three dx taps
+    side by side (3 C columns), and three products, one per dy, of slices shifted by dy * (width + 2) rows."""
+    Wp, C = width + 2, padded.shape[-1]
     flat = padded.reshape(-1, C)
     n = len(flat) - 2
     taps = np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # (n, 3 C): dx = 0, 1, 2
-    m = (stop - start) * Wp
+    m = rows * Wp
     out = taps[:m] @ kernels[0]
     for dy in (1, 2):
         out += taps[dy * Wp : dy * Wp + m] @ kernels[dy]
-    if bias is not None:
-        out += bias
-    return out.reshape(stop - start, Wp, -1)[:, : scale * W]
+    return out.reshape(rows, Wp, -1)[:, :width]
+
+
+def _winograd(padded, rows, kernels):
+    """The 3x3 convolution of a zero-padded block, its columns even and odd apart ((rows + 3, 2, S + 1, C) for
+    2 S output columns; rows even) by Winograd's F(2x2, 3x3): each 2 x 2 output tile from the 4 x 4 input
+    tile around it, transformed (B^T d B: sums and differences of its rows, then of its columns), 16 products
+    with the transformed kernels (G k G^T), and the output transform (A^T m A). 16 C multiplications per
+    output tile and output channel in place of 36; the error against float64 is 1.6x the direct products'
+    (4.3e-6 vs 2.7e-6 at outputs of 9.4). With the columns apart, every sum reads contiguous rows of S C values
+    (numpy's strided loops ran 2.3x slower). Returns the tiles (rows / 2, 2, 2 S / 2, 2, O) as a view."""
+    T, S, C = rows // 2, padded.shape[2] - 1, padded.shape[-1]
+    d = [padded[k : k + 2 * T : 2] for k in range(4)]  # row k of every tile
+    v = np.empty((4, 4, T, S, C), np.float32)
+    for a, pair in enumerate(WINOGRAD_B):
+        u = _combine(d, pair)  # (T, 2, S + 1, C)
+        columns = [u[:, 0, :-1], u[:, 1, :-1], u[:, 0, 1:], u[:, 1, 1:]]  # column k of every tile: (T, S, C)
+        for b, pair in enumerate(WINOGRAD_B):
+            _combine(columns, pair, out=v[a, b])
+    m = np.matmul(v.reshape(16, T * S, C), kernels).reshape(4, 4, T, S, -1)
+    out = np.empty((T, 2, 2, S, m.shape[-1]), np.float32)
+    for c, column in enumerate(WINOGRAD_A):
+        half = _combine([m[:, k] for k in range(4)], column)  # (4, T, S, O): output column c of each row
+        for r, row in enumerate(WINOGRAD_A):
+            _combine(half, row, out=out[:, r, c])
+    return out.transpose(0, 1, 3, 2, 4)
+
+
+def _combine(parts, terms, out=None):
+    """sum(sign * parts[i] for i, sign in terms) of two or more terms, the first with sign +1, into `out` if given."""
+    (first, _), (second, sign), *rest = terms
+    out = (np.add if sign > 0 else np.subtract)(parts[first], parts[second], out=out)
+    for i, sign in rest:
+        (np.add if sign > 0 else np.subtract)(out, parts[i], out=out)
+    return out
 
 
 def _evaluated(a):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mlx_sd.activations import silu
-from mlx_sd.convolution import _numpy_block as numpy_block
 from mlx_sd.convolution import (
     conv3x3,
     pointwise,
@@ -123,43 +122,70 @@ def test_shifted_products_take_float16_and_quantized_kernels(kind):
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("upsample, normalize", [(False, True), (True, False), (False, False)])
-def test_numpy_path_matches_the_convolution(upsample, normalize, monkeypatch):
+@pytest.mark.parametrize(
+    "upsample, normalize, H, W, winograd, products",
+    [
+        (False, True, 64, 64, 11, 0),  # Winograd's F(2x2, 3x3) on every block (6 rows; the last 4)
+        (True, False, 32, 40, 11, 0),
+        (False, True, 65, 64, 10, 1),  # a last block of 5 rows: three products
+        (False, False, 64, 65, 0, 11),  # an odd width: three products throughout
+    ],
+)
+def test_numpy_path_matches_the_convolution(upsample, normalize, H, W, winograd, products, monkeypatch):
     """conv3x3's numpy path (eagerly on the CPU: GroupNorm + SiLU or no prologue, optional 2x upsampling, a
-    residual, 2 images, blocks of 7 rows) against MLX's convolution of the same input, within float32 rounding."""
+    residual, 2 images, blocks of 6 rows) against MLX's convolution of the same input, within float32 rounding;
+    its blocks of even rows and width by Winograd's F(2x2, 3x3), the others by three products."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the numpy path is a CPU path")
-    B, H, W, C, out = 2, 32 if upsample else 64, 40 if upsample else 64, 64, 72
+    B, C, out = 2, 64, 72
     x = mx.random.normal((B, H, W, C), key=mx.random.key(8)) * 2 + 1
     conv = nn.Conv2d(C, out, 3, padding=1)
     norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
     norm.weight, norm.bias = (mx.random.normal((C,), key=mx.random.key(i)) for i in (9, 10))
     scale = 2 if upsample else 1
     residual = mx.random.normal((B, scale * H, scale * W, out), key=mx.random.key(11))
-    calls = []
-    monkeypatch.setattr("mlx_sd.convolution._numpy_block", lambda *a: calls.append(a[1]) or numpy_block(*a))
-    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 3 * (scale * W + 2) * C * 7)
+    calls = {"block": [], "winograd": 0, "products": 0}
+    spy(monkeypatch, calls)
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (scale * W + 2) * C * 6)
     prologue = norm_act(norm, x, silu) if normalize else None
     got = conv3x3(conv, x, prologue, upsample, residual=lambda a, b: residual[:, a:b])
-    assert sorted(set(calls)) == list(range(0, scale * H, 7))  # row blocks of each image
+    assert sorted(set(calls["block"])) == list(range(0, scale * H, 6))  # row blocks of each image
+    assert (calls["winograd"], calls["products"]) == (B * winograd, B * products)
     y = nn.silu(nn.GroupNorm.__call__(norm, x)) if normalize else x
     expected = conv(upsample2x(y) if upsample else y) + residual
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64])
+def spy(monkeypatch, calls):
+    """Counts the numpy path's blocks (their first rows in calls["block"]) and how each was convolved."""
+    from mlx_sd import convolution
+
+    for name, key in (("_numpy_block", "block"), ("_winograd", "winograd"), ("_products", "products")):
+        real = getattr(convolution, name)
+
+        def counted(*args, real=real, key=key):
+            if key == "block":
+                calls[key].append(args[1])
+            else:
+                calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(convolution, name, counted)
+
+
+@pytest.mark.parametrize("rows", [2, 6, 64])
 def test_numpy_path_can_write_over_its_input(rows, monkeypatch):
-    """overwrite=True (GroupNorm + SiLU prologue, a residual, 2 images, blocks of 1, 7 or all 64 rows): the
+    """overwrite=True (GroupNorm + SiLU prologue, a residual, 2 images, blocks of 2, 6 or all 64 rows): the
     same values as into a new array, in x's own buffer (each block is written once the next block has read
     the rows above it; one block too early would change the next block's input), so that no second array of
     x's size is allocated."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the numpy path is a CPU path")
     B, H, W, C = 2, 64, 64, 64
-    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 3 * (W + 2) * C * rows)
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (W + 2) * C * rows)
     monkeypatch.setattr("mlx_sd.norms.NORM_BLOCK", B * 4 * W * C)  # GroupNorm's squares, 4 rows at a time
-    calls = []
-    monkeypatch.setattr("mlx_sd.convolution._numpy_block", lambda *a: calls.append(a[1]) or numpy_block(*a))
+    calls = {"block": [], "winograd": 0, "products": 0}
+    spy(monkeypatch, calls)
     conv = nn.Conv2d(C, C, 3, padding=1)
     norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
     residual = mx.random.normal((B, H, W, C), key=mx.random.key(12))
@@ -172,7 +198,7 @@ def test_numpy_path_can_write_over_its_input(rows, monkeypatch):
     got = conv3x3(conv, x, norm_act(norm, x, silu), residual=lambda a, b: residual[:, a:b], overwrite=True)
     peak = mx.get_peak_memory() - base
     np.testing.assert_array_equal(np.array(got), expected)
-    assert sorted(set(calls)) == list(range(0, H, rows))  # the numpy path ran, in these blocks
+    assert sorted(set(calls["block"])) == list(range(0, H, rows))  # the numpy path ran, in these blocks
     np.testing.assert_array_equal(np.array(x), expected)  # x's buffer holds the output
     assert peak < x.nbytes / 2
 
