@@ -35,6 +35,10 @@ CONV_BLOCK = 2**23
 # output pixels (all images) from which a float32 CPU convolution is nine shifted products rather than MLX's
 # unfolding convolution: 1.4-2.4x faster from 2 x 64 x 64 pixels, slower on 2 x 16 x 16 (x86, OpenBLAS)
 SHIFTED_MIN_PIXELS = 8192
+# output pixels from which the numpy path (_numpy_conv3x3) is taken where it applies: 0.5x MLX's time for
+# 1 x 64 x 64 x 512, 0.7x for 2 x 32 x 32 x 640, even at 1 x 32 x 32 x 512, 2x at 2 x 16 x 16 x 1280 (where
+# transforming the kernel costs more than it saves)
+NUMPY_MIN_PIXELS = 2048
 # transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (2M: 8 MiB;
 # blocks that stay in the caches: 512 x 512 x 128 took 1.05 s in blocks of 6-8 rows, 1.8 s in blocks of 20)
 NUMPY_CONV_BLOCK = 2**21
@@ -62,11 +66,11 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None, overwrite=Fal
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     copies = 9  # the unfolded input of MLX's convolution; the shifted products' padded copy and prologue: ~3
-    kind = shifted_products(conv, x, scale)
-    if kind == "inputs" and evaluate_blocks():
+    if evaluate_blocks() and shifted_products(conv, x, scale, NUMPY_MIN_PIXELS) == "inputs":
         affine = None if prologue is None else getattr(prologue, "affine", lambda: None)()
         if prologue is None or affine is not None:
             return _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite)
+    kind = shifted_products(conv, x, scale)
     if kind:
         conv, copies = _shifted(conv, kind), 3
     rows = max(1, CONV_BLOCK // (copies * B * scale * W * C))
@@ -273,18 +277,19 @@ def _evaluated(a):
     return a
 
 
-def shifted_products(conv, x, scale=1):
+def shifted_products(conv, x, scale=1, min_pixels=None):
     """How conv3x3 computes `conv` on x: "inputs", nine products of shifted inputs (shifted_conv3x3); "outputs",
     one product whose outputs are shifted and summed (few output channels: shifted_sums_conv3x3); or None,
     MLX's convolution. The shifted forms take an nn.Conv2d or QuantizedConv2d on float32 x on the CPU backend
-    (its weights in any dtype, promoted to float32 for the call) with at least SHIFTED_MIN_PIXELS output pixels
-    and 64 input channels: "inputs" for 64 output channels or more, "outputs" for SHIFTED_SUMS_MAX or fewer."""
+    (its weights in any dtype, promoted to float32 for the call) with at least `min_pixels` (SHIFTED_MIN_PIXELS)
+    output pixels and 64 input channels: "inputs" for 64 output channels or more, "outputs" for SHIFTED_SUMS_MAX
+    or fewer. conv3x3 asks with min_pixels=NUMPY_MIN_PIXELS where the numpy path would replace "inputs"."""
     B, H, W, C = x.shape
     if (
         type(conv) not in (nn.Conv2d, QuantizedConv2d)
         or x.dtype != mx.float32
         or mx.default_device() != mx.cpu
-        or B * H * W * scale * scale < SHIFTED_MIN_PIXELS
+        or B * H * W * scale * scale < (SHIFTED_MIN_PIXELS if min_pixels is None else min_pixels)
         or C < 64
     ):
         return None

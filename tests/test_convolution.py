@@ -210,3 +210,20 @@ def test_pointwise_matches_the_convolution(bias):
     got = pointwise(conv, x)
     assert got.shape == (2, 5, 7, 24)
     np.testing.assert_allclose(np.array(got), np.array(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, numpy_path", [((1, 64, 32, 64), True), ((2, 16, 16, 64), False)])
+def test_numpy_path_from_2048_pixels(shape, numpy_path, monkeypatch):
+    """The numpy path from NUMPY_MIN_PIXELS output pixels (2048: it took 0.5x MLX's time at 1 x 64 x 64 x 512),
+    MLX's convolution below (transforming the kernel would cost more than it saves)."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy path is a CPU path")
+    calls = {"block": [], "winograd": 0, "products": 0}
+    spy(monkeypatch, calls)
+    C = shape[-1]
+    conv, norm = nn.Conv2d(C, C, 3, padding=1), GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
+    x = mx.random.normal(shape, key=mx.random.key(15))
+    got = conv3x3(conv, x, norm_act(norm, x, silu))
+    assert (calls["winograd"] > 0) == numpy_path
+    expected = conv(nn.silu(nn.GroupNorm.__call__(norm, x)))
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=2e-5)
