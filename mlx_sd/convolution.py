@@ -46,6 +46,9 @@ NUMPY_CONV_BLOCK = 2**21
 # products, as (index, sign) terms over a tile's rows or columns 0-3 (the kernel transform G k G^T: _kernel_rows)
 WINOGRAD_B = (((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1)))
 WINOGRAD_A = (((0, 1), (1, 1), (2, 1)), ((1, 1), (2, -1), (3, -1)))
+# nearest 2x upsampling then a 3x3 convolution: the output rows (columns) 2 i + p take the taps PHASES[p][0] from
+# input row (column) i + p - 1 and PHASES[p][1] from row i + p
+PHASES = (((0,), (1, 2)), ((0, 1), (2,)))
 # output channels up to which the shifted form sums shifted outputs of one product (see shifted_sums_conv3x3)
 SHIFTED_SUMS_MAX = 16
 
@@ -161,7 +164,7 @@ class _Kernels:
 
     def __init__(self, weight):
         self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a copy
-        self._winograd = None
+        self._winograd = self._phases = None
 
     @property
     def winograd(self):
@@ -173,6 +176,19 @@ class _Kernels:
             _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
             self._winograd = u.reshape(16, *k.shape[2:])
         return self._winograd
+
+    @property
+    def phases(self):
+        """For _upsampled, per output row and column phase (pr, pc) and input row offset a: the (2 C, O) kernel of
+        input column offsets 0 and 1, each the sum of the 3x3 taps that fall on that input pixel."""
+        if self._phases is None:
+            k = self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1])  # (dy, dx, C, O)
+            C = k.shape[2]
+            self._phases = np.empty((2, 2, 2, 2 * C, k.shape[3]), np.float32)
+            for pr, pc, a, b in np.ndindex(2, 2, 2, 2):
+                taps = [k[dy, dx] for dy in PHASES[pr][a] for dx in PHASES[pc][b]]
+                self._phases[pr, pc, a, b * C : (b + 1) * C] = sum(taps[1:], taps[0])
+        return self._phases
 
 
 def _kernel_rows(parts, out):
@@ -188,27 +204,25 @@ def _kernel_rows(parts, out):
 
 def _numpy_block(image, start, stop, scale, affine, kernels):
     """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), no bias: numpy (rows, scale * W, O), or
-    from _winograd its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O)."""
+    from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O)."""
     H, W, C = image.shape
-    rows, width = stop - start, scale * W
-    top, bottom = max(start - 1, 0), min(stop + 1, scale * H)  # the rows inside the (upsampled) image
-    inputs = image[top // scale : (bottom - 1) // scale + 1]
-    if scale == 2:
-        inputs = np.repeat(inputs, 2, axis=0)[top % 2 :]
-    inputs, first = inputs[: bottom - top], top - start + 1  # and the padded row they start at
-    if rows % 2 or width % 2:
-        padded = np.zeros((rows + 3, width + 2, C), np.float32)  # input rows start - 1 .. stop, one spare
-        inputs = np.repeat(inputs, 2, axis=1) if scale == 2 else inputs
-        _prologue(padded[first : first + len(inputs), 1:-1], inputs, affine)
-        return _products(padded, rows, width, kernels.per_dy)
-    # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones) first, then even ones
-    padded = np.zeros((rows + 3, 2, width // 2 + 1, C), np.float32)
-    odd, even = padded[first : first + len(inputs), 1, :-1], padded[first : first + len(inputs), 0, 1:]
-    _prologue(odd, inputs if scale == 2 else inputs[:, 0::2], affine)
-    if scale == 2:
-        even[...] = odd  # nearest 2x: each input column twice
-    else:
-        _prologue(even, inputs[:, 1::2], affine)
+    rows = stop - start
+    if scale == 2:  # start and stop are even (blocks of even rows): input rows start / 2 - 1 .. stop / 2
+        padded = np.zeros((rows // 2 + 3, W + 2, C), np.float32)
+        top, bottom = max(start // 2 - 1, 0), min(stop // 2 + 1, H)
+        first = top - (start // 2 - 1)  # the padded row of input row `top`
+        _prologue(padded[first : first + bottom - top, 1:-1], image[top:bottom], affine)  # it commutes with 2x
+        return _upsampled(padded, rows // 2, W, kernels.phases)
+    top, bottom = max(start - 1, 0), min(stop + 1, H)  # input rows start - 1 .. stop, inside the image
+    first = top - (start - 1)
+    if rows % 2 or W % 2:
+        padded = np.zeros((rows + 3, W + 2, C), np.float32)  # and one spare row
+        _prologue(padded[first : first + bottom - top, 1:-1], image[top:bottom], affine)
+        return _products(padded, rows, W, kernels.per_dy)
+    # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
+    padded = np.zeros((rows + 3, 2, W // 2 + 1, C), np.float32)
+    _prologue(padded[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2], affine)
+    _prologue(padded[first : first + bottom - top, 0, 1:], image[top:bottom, 1::2], affine)
     return _winograd(padded, rows, kernels.winograd)
 
 
@@ -236,6 +250,26 @@ def _products(padded, rows, width, kernels):
     for dy in (1, 2):
         out += taps[dy * Wp : dy * Wp + m] @ kernels[dy]
     return out.reshape(rows, Wp, -1)[:, :width]
+
+
+def _upsampled(padded, rows, width, kernels):
+    """The 3x3 convolution of the nearest 2x upsampling of a zero-padded block (rows + 3, width + 2, C), from the
+    block itself: each of the four output phases (even or odd row and column) is a 2x2 convolution of the input
+    with sums of the 3x3 taps (_Kernels.phases), two products with K = 2 C on the three dx taps side by side.
+    16 C multiplications per 2 x 2 outputs and output channel, as Winograd's, with no transforms and a quarter
+    of the input. Returns the output tiles (rows, 2, 2 width, 2, O) as a view."""
+    Wp, C = width + 2, padded.shape[-1]
+    flat = padded.reshape(-1, C)
+    n = len(flat) - 2
+    taps = np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # (n, 3 C): dx = 0, 1, 2
+    m = rows * Wp
+    out = np.empty((rows, 2, 2, width, kernels.shape[-1]), np.float32)
+    for pr, pc in np.ndindex(2, 2):
+        columns = taps[:, pc * C : (pc + 2) * C]  # input columns j + pc - 1 and j + pc
+        y = columns[pr * Wp : pr * Wp + m] @ kernels[pr, pc, 0]
+        y += columns[(pr + 1) * Wp : (pr + 1) * Wp + m] @ kernels[pr, pc, 1]
+        out[:, pr, pc] = y.reshape(rows, Wp, -1)[:, :width]
+    return out.transpose(0, 1, 3, 2, 4)
 
 
 def _winograd(padded, rows, kernels):
