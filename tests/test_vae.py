@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import SD15, SDXL, nchw_to_nhwc, random_vae, real_config, to_np
 from mlx_sd import convolution
+from mlx_sd.norms import NORM_BLOCK
 from mlx_sd.vae import AutoencoderConfig, AutoencoderKL, GroupNorm, sanitize
 from mlx_sd.weights import ModelLoadError, load_strict, read_json, read_safetensors
 
@@ -218,8 +219,8 @@ def test_fullsize_parity(model_name, tmp_path):
 def test_group_norm_matches_torch_in_less_memory(shape, groups):
     """Against torch's GroupNorm in float64: max abs error <= 2e-4 (measured 3.1e-6 at 1M values per group of
     mean 1 and deviation 3, where MLX's nn.GroupNorm errs by 4e-3); on the CPU backend the peak above the input
-    stays under 1.2x the input's size, its output and a block of squared deviations (MLX's transposing
-    version: 5x; one pass over the whole input: 2x)."""
+    stays under 1.2x the input's size, its output and a block of squared deviations, where the input spans
+    several blocks (MLX's transposing version: 5x; one pass over the whole input: 2x)."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     weight, bias = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
@@ -239,8 +240,8 @@ def test_group_norm_matches_torch_in_less_memory(shape, groups):
         ref.bias.copy_(torch.from_numpy(bias))
         expected = ref(torch.from_numpy(x).double().permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.array(got), expected, atol=2e-4, rtol=0)
-    if mx.default_device() == mx.cpu:
-        assert peak <= 1.2 * x.nbytes
+    if mx.default_device() == mx.cpu:  # the squares of the small input are one block
+        assert peak <= (1.2 if x.size > NORM_BLOCK else 2.1) * x.nbytes
 
 
 def test_decoder_peak_memory(monkeypatch):
