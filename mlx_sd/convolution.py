@@ -113,7 +113,8 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     output rows and image, the prologue (GroupNorm's per-channel `affine` (scale, shift) and SiLU, if given)
     is written into a zero-padded block (numpy's elementwise work is vectorized; MLX's CPU kernels are not
     here), then convolved by Winograd's F(2x2, 3x3) (_winograd: 16 products with K = C in place of 36 per
-    2 x 2 outputs) or, for an odd number of rows or columns, by three products with K = 3 C (_products).
+    2 x 2 outputs), when upsampling as four 2x2 convolutions of the input (_upsampled), or for an odd number of
+    rows or columns by three products with K = 3 C (_products).
     Each block is written into the output's buffer one block late, when the next block has read its input
     rows: with `overwrite` (and no upsampling, as many outputs as inputs) that buffer is x's own."""
     B, H, W, C = x.shape
