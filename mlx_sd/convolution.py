@@ -137,8 +137,8 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     for start in range(0, scale * H, rows):
         stop = min(start + rows, scale * H)
         blocks = [_numpy_block(images[b], start, stop, scale, [a[b] for a in rest], kernels) for b in range(B)]
-        for block in blocks:
-            if bias is not None:
+        if bias is not None:
+            for block in blocks:
                 block += bias
         if residual is not None:
             extra = np.asarray(_evaluated(mx.contiguous(residual(start, stop))))
@@ -242,15 +242,20 @@ def _prologue(out, inputs, affine):
 def _products(padded, rows, width, kernels):
     """The 3x3 convolution of a zero-padded block (rows + 3, width + 2, C): its rows flattened, the three dx taps
     side by side (3 C columns), and three products, one per dy, of slices shifted by dy * (width + 2) rows."""
-    Wp, C = width + 2, padded.shape[-1]
-    flat = padded.reshape(-1, C)
-    n = len(flat) - 2
-    taps = np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # (n, 3 C): dx = 0, 1, 2
+    Wp, taps = width + 2, _taps(padded)
     m = rows * Wp
     out = taps[:m] @ kernels[0]
     for dy in (1, 2):
         out += taps[dy * Wp : dy * Wp + m] @ kernels[dy]
     return out.reshape(rows, Wp, -1)[:, :width]
+
+
+def _taps(padded):
+    """A zero-padded block (rows, Wp, C) flattened to pixels, with the three dx taps of each side by side:
+    (rows * Wp - 2, 3 C)."""
+    flat = padded.reshape(-1, padded.shape[-1])
+    n = len(flat) - 2
+    return np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # dx = 0, 1, 2
 
 
 def _upsampled(padded, rows, width, kernels):
@@ -259,10 +264,7 @@ def _upsampled(padded, rows, width, kernels):
     with sums of the 3x3 taps (_Kernels.phases), two products with K = 2 C on the three dx taps side by side.
     16 C multiplications per 2 x 2 outputs and output channel, as Winograd's, with no transforms and a quarter
     of the input. Returns the output tiles (rows, 2, 2 width, 2, O) as a view."""
-    Wp, C = width + 2, padded.shape[-1]
-    flat = padded.reshape(-1, C)
-    n = len(flat) - 2
-    taps = np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # (n, 3 C): dx = 0, 1, 2
+    Wp, C, taps = width + 2, padded.shape[-1], _taps(padded)
     m = rows * Wp
     out = np.empty((rows, 2, 2, width, kernels.shape[-1]), np.float32)
     for pr, pc in np.ndindex(2, 2):
