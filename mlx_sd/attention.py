@@ -5,11 +5,11 @@ and its softmax (2 x 671 MB for one 4096-token self-attention of SD at 512x512) 
 exp. `attention` there computes the same result a block of queries at a time, so that the score block stays
 under ATTENTION_BLOCK elements, with the softmax's division applied to the (L, head_dim) output instead of the
 (L, L) weights; the denominator comes from the same matrix product (v with a column of ones). In float32 the
-blocks run in numpy on views of MLX's evaluated arrays (numpy's exp is vectorized; MLX's CPU exp is not), one
-after the other; inside convolution.whole_images(), i.e. while mx.compile traces, and in half precision they
-are MLX operations (float32: the exp of mlx_sd.activations and the row maximum from 64-element pieces,
-row_max). SD 1.5's 4096-token self-attention (2 x 8 heads of 40): 8.7 s with MLX's kernel, 1.6-2.1 s with
-the blocks in MLX, 0.6 s in numpy (x86, 2 cores, OpenBLAS SkylakeX kernels).
+blocks run in numpy on views of MLX's evaluated arrays (numpy's exp is vectorized; MLX's CPU exp is not), the
+heads on worker threads (workers.py); inside convolution.whole_images(), i.e. while mx.compile traces, and in
+half precision they are MLX operations (float32: the exp of mlx_sd.activations and the row maximum from
+64-element pieces, row_max). SD 1.5's 4096-token self-attention (2 x 8 heads of 40): 8.7 s with MLX's kernel,
+1.6-2.1 s with the blocks in MLX, 0.6 s in numpy (x86, 2 cores, OpenBLAS SkylakeX kernels).
 """
 
 import mlx.core as mx
@@ -17,6 +17,7 @@ import numpy as np
 
 from .activations import exp_nonpositive
 from .convolution import evaluate_blocks
+from .workers import map_pieces
 
 # score elements per query block on the CPU (4M float32: 16 MiB per intermediate)
 ATTENTION_BLOCK = 2**22
@@ -63,23 +64,27 @@ def _attention_block(q, kt, v):
 
 def _numpy_attention(q, k, v, scale):
     """The float32 attention on the CPU backend, evaluated now: the same steps in numpy on views of MLX's
-    evaluated q, k^T and v, one (batch, head) and block of queries at a time. numpy's exp is vectorized (a
-    2 x 8 x 512 x 4096 score block: 0.04 s against 0.26 s for activations.exp_nonpositive), one head's block
-    stays in the caches between its products, and the softmax's passes go over pieces that stay in a core's:
-    one SD 1.5 4096-token layer takes 0.6 s, not 1.6-2.1 (x86 AVX-512)."""
+    evaluated q, k^T and v, one (batch, head) and block of queries at a time, the heads on the worker threads
+    (workers.map_pieces). numpy's exp is vectorized (a 2 x 8 x 512 x 4096 score block: 0.04 s against 0.26 s
+    for activations.exp_nonpositive), one head's block stays in the caches between its products, and the
+    softmax's passes go over pieces that stay in a core's: one SD 1.5 4096-token layer takes 0.6 s, not 1.6-2.1
+    (x86 AVX-512, one thread), and 1.1 s instead of 2.1 with the workers (x86 AVX2, 2 cores)."""
     B, heads, Lq, d = q.shape
     block = max(1, ATTENTION_BLOCK // k.shape[2])
     arrays = mx.contiguous(q * mx.array(scale, q.dtype)), mx.contiguous(k.swapaxes(-1, -2)), _with_ones(v)
     mx.eval(*arrays)
     q, kt, v = (np.asarray(a) for a in arrays)  # no copies: the arrays stay alive until the end
     out = np.empty((B, heads, Lq, d), np.float32)
-    for b in range(B):
-        for h in range(heads):
-            for i in range(0, Lq, block):
-                scores = q[b, h, i : i + block] @ kt[b, h]  # (block, Lk)
-                _exp_minus_row_max(scores)
-                weighted = scores @ v[b, h]  # (block, d + 1)
-                np.divide(weighted[:, :-1], weighted[:, -1:], out=out[b, h, i : i + block])
+
+    def head(index):
+        b, h = divmod(index, heads)
+        for i in range(0, Lq, block):
+            scores = q[b, h, i : i + block] @ kt[b, h]  # (block, Lk)
+            _exp_minus_row_max(scores)
+            weighted = scores @ v[b, h]  # (block, d + 1)
+            np.divide(weighted[:, :-1], weighted[:, -1:], out=out[b, h, i : i + block])
+
+    map_pieces(head, range(B * heads))
     return mx.array(out)
 
 

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .quantize import QuantizedConv2d
+from .workers import cores, map_pieces
 
 _WHOLE_IMAGES = ContextVar("whole_images", default=False)
 
@@ -133,10 +134,14 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
         out = _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
     rows = max(2, NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
+
+    def piece(item):  # on a worker thread: numpy only
+        start, b = item
+        return _numpy_block(images[b], start, min(start + rows, scale * H), scale, [a[b] for a in rest], kernels)
+
     pending = []
-    for start in range(0, scale * H, rows):
+    for start, blocks in _row_blocks(piece, range(0, scale * H, rows), B):
         stop = min(start + rows, scale * H)
-        blocks = [_numpy_block(images[b], start, stop, scale, [a[b] for a in rest], kernels) for b in range(B)]
         if bias is not None:
             for block in blocks:
                 block += bias
@@ -150,6 +155,18 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     for b, (a, z, block) in enumerate(pending):
         _write(target[b, a:z], block)
     return out
+
+
+def _row_blocks(piece, starts, images):
+    """(start, [piece((start, b)) for each image b]) in the order of `starts`, computed a group of row blocks at a
+    time on the worker threads (one piece per core: all images of a block, and consecutive blocks where there
+    are fewer images than cores)."""
+    group = -(-cores() // images)
+    for g in range(0, len(starts), group):
+        pieces = [(start, b) for start in starts[g : g + group] for b in range(images)]
+        blocks = map_pieces(piece, pieces)
+        for i, start in enumerate(starts[g : g + group]):
+            yield start, blocks[i * images : (i + 1) * images]
 
 
 def _write(rows, block):

@@ -1,5 +1,7 @@
 """mlx_sd.convolution: row-blocked 3x3 convolutions give the one-call result, with less memory."""
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -162,6 +164,7 @@ def spy(monkeypatch, calls):
     """Counts the numpy path's blocks (their first rows in calls["block"]) and how each was convolved."""
     from mlx_sd import convolution
 
+    lock = threading.Lock()  # the blocks run on worker threads
     for name, key in (
         ("_numpy_block", "block"),
         ("_winograd", "winograd"),
@@ -171,10 +174,11 @@ def spy(monkeypatch, calls):
         real = getattr(convolution, name)
 
         def counted(*args, real=real, key=key):
-            if key == "block":
-                calls[key].append(args[1])
-            else:
-                calls[key] += 1
+            with lock:
+                if key == "block":
+                    calls[key].append(args[1])
+                else:
+                    calls[key] += 1
             return real(*args)
 
         monkeypatch.setattr(convolution, name, counted)

@@ -1,0 +1,53 @@
+"""mlx_sd.workers: the CPU paths' numpy pieces on worker threads give the values of one thread."""
+
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_sd import workers
+from mlx_sd.attention import attention
+from mlx_sd.convolution import conv3x3
+
+
+def one_thread(monkeypatch):
+    """Makes map_pieces run the pieces in the calling thread, as where there is no pool."""
+    monkeypatch.setattr(workers, "_pool", False)
+
+
+def test_pieces_come_back_in_order_from_the_workers():
+    if workers.cores() < 2 or workers._numpy_openblas_setter() is None:
+        pytest.skip("one core, or numpy's BLAS is not an OpenBLAS with per-thread counts: no pool")
+    names = workers.map_pieces(lambda i: (i, threading.current_thread().name), range(40))
+    assert [i for i, _ in names] == list(range(40))
+    assert all(name.startswith("mlx_sd-numpy") for _, name in names)
+
+
+def test_attention_on_the_workers_equals_one_thread(monkeypatch):
+    """Each head writes its own rows of the output, its products single-threaded: bit for bit the values of
+    the heads one after the other."""
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.standard_normal((2, 5, 300, 40)).astype(np.float32)) for _ in range(3))
+    threaded = np.array(attention(q, k, v, 40**-0.5))
+    one_thread(monkeypatch)
+    np.testing.assert_array_equal(np.array(attention(q, k, v, 40**-0.5)), threaded)
+
+
+@pytest.mark.parametrize("cores", [1, 3])
+def test_convolution_row_blocks_on_the_workers_equal_one_thread(cores, monkeypatch):
+    """One image, blocks of 4 rows computed `cores` at a time (the last group shorter), written over the input
+    (each block only after the next one has read its rows): the values of the blocks one after the other."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy path is a CPU path")
+    B, H, W, C = 1, 64, 64, 64
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (W + 2) * C * 4)
+    conv = nn.Conv2d(C, C, 3, padding=1)
+    x = mx.random.normal((B, H, W, C), key=mx.random.key(3))
+    mx.eval(conv.parameters(), x)
+    monkeypatch.setattr("mlx_sd.convolution.cores", lambda: cores)
+    got = np.array(conv3x3(conv, mx.array(x), overwrite=True))
+    one_thread(monkeypatch)
+    monkeypatch.setattr("mlx_sd.convolution.cores", lambda: 1)
+    np.testing.assert_array_equal(got, np.array(conv3x3(conv, x)))
