@@ -24,6 +24,16 @@ _pool = None
 _lock = threading.Lock()
 
 
+def _forget_pool():
+    """In a forked child, whose copy of the pool has no threads: a new pool on first use."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def cores():
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,6 +1,9 @@
 """mlx_sd.workers: the CPU paths' numpy pieces on worker threads give the values of one thread."""
 
+import os
+import signal
 import threading
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,3 +54,22 @@ def test_convolution_row_blocks_on_the_workers_equal_one_thread(cores, monkeypat
     one_thread(monkeypatch)
     monkeypatch.setattr("mlx_sd.convolution.cores", lambda: 1)
     np.testing.assert_array_equal(got, np.array(conv3x3(conv, x)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_makes_its_own_pool():
+    """The parent's pool has no threads in a forked child: map_pieces there would wait forever on it."""
+    workers.map_pieces(abs, [1, -2])  # the parent's pool, where there is one
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its pieces came back
+        os._exit(0 if workers.map_pieces(abs, [1, -2, 3]) == [1, 2, 3] else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's map_pieces did not return")
