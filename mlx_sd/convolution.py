@@ -19,6 +19,7 @@ implicit-GEMM convolutions), when one block covers the image, and inside `whole_
 traces: the blocks are evaluated as they go), it is one call.
 """
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -177,36 +178,48 @@ def _write(rows, block):
 
 
 class _Kernels:
-    """An OHWI 3x3 kernel (numpy float32) in the layouts of _products (per dy: (dx, C) x O) and _winograd (the 16
-    transformed (C, O) kernels G k G^T, made once per call: 25 ms for 512 x 512 channels)."""
+    """An OHWI 3x3 kernel (numpy float32) in the layouts of _products (per dy: (dx, C) x O), _winograd (the 16
+    transformed (C, O) kernels G k G^T: 25 ms for 512 x 512 channels) and _upsampled, each made once per call
+    when first needed; the blocks ask for them from the worker threads, so each is made under a lock."""
 
     def __init__(self, weight):
         self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a copy
-        self._winograd = self._phases = None
+        self._made = {}
+        self._lock = threading.Lock()
+
+    def _layout(self, make):
+        with self._lock:
+            if make not in self._made:
+                self._made[make] = make(self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1]))  # (dy, dx, C, O)
+            return self._made[make]
 
     @property
     def winograd(self):
-        if self._winograd is None:
-            k = self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1])  # (dy, dx, C, O)
-            rows = np.empty((4, *k.shape[1:]), np.float32)
-            _kernel_rows(k, rows)  # across dy
-            u = np.empty((4, 4, *k.shape[2:]), np.float32)
-            _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
-            self._winograd = u.reshape(16, *k.shape[2:])
-        return self._winograd
+        return self._layout(_winograd_kernels)
 
     @property
     def phases(self):
-        """For _upsampled, per output row and column phase (pr, pc) and input row offset a: the (2 C, O) kernel of
-        input column offsets 0 and 1, each the sum of the 3x3 taps that fall on that input pixel."""
-        if self._phases is None:
-            k = self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1])  # (dy, dx, C, O)
-            C = k.shape[2]
-            self._phases = np.empty((2, 2, 2, 2 * C, k.shape[3]), np.float32)
-            for pr, pc, a, b in np.ndindex(2, 2, 2, 2):
-                taps = [k[dy, dx] for dy in PHASES[pr][a] for dx in PHASES[pc][b]]
-                self._phases[pr, pc, a, b * C : (b + 1) * C] = sum(taps[1:], taps[0])
-        return self._phases
+        return self._layout(_phase_kernels)
+
+
+def _winograd_kernels(k):
+    """The 16 transformed (C, O) kernels G k G^T of k (dy, dx, C, O)."""
+    rows = np.empty((4, *k.shape[1:]), np.float32)
+    _kernel_rows(k, rows)  # across dy
+    u = np.empty((4, 4, *k.shape[2:]), np.float32)
+    _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
+    return u.reshape(16, *k.shape[2:])
+
+
+def _phase_kernels(k):
+    """For _upsampled, per output row and column phase (pr, pc) and input row offset a: the (2 C, O) kernel of
+    input column offsets 0 and 1, each the sum of the 3x3 taps of k (dy, dx, C, O) that fall on that input pixel."""
+    C = k.shape[2]
+    phases = np.empty((2, 2, 2, 2 * C, k.shape[3]), np.float32)
+    for pr, pc, a, b in np.ndindex(2, 2, 2, 2):
+        taps = [k[dy, dx] for dy in PHASES[pr][a] for dx in PHASES[pc][b]]
+        phases[pr, pc, a, b * C : (b + 1) * C] = sum(taps[1:], taps[0])
+    return phases
 
 
 def _kernel_rows(parts, out):
