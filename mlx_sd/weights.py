@@ -190,6 +190,9 @@ def load_strict(model: nn.Module, weights, component, dtype=None):
             )
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    # in row-major order: a kernel that sanitize transposed OIHW -> OHWI is otherwise a strided view, which MLX's
+    # convolution copies at every call (one SD 2.1-base UNet step at 256 on the CPU: 7.4 s against 5.0 s)
+    weights = {k: mx.contiguous(v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     return model
 

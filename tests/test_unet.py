@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
+from mlx.utils import tree_flatten
 
 from helpers import SD15, SD21, SD21_BASE, SD_TURBO, SDXL, SDXL_TURBO, nchw_to_nhwc, real_config, to_mx
 from mlx_sd.quantize import quantize_model
@@ -214,6 +215,17 @@ def test_unet_in_row_blocks_matches_diffusers(tiny, monkeypatch):
     inputs = make_inputs(config, 2, 16, 12)
     expected = run_torch(ref, inputs, torch.tensor([999.0, 500.5]))
     np.testing.assert_allclose(run_mlx(ours, inputs, mx.array([999.0, 500.5])), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_loaded_weights_are_row_major(tiny):
+    """sanitize's OIHW -> OHWI transposes are views; loaded, every weight is in row-major order (a strided
+    kernel is copied by MLX's convolution at every call)."""
+    _, _, ours, _ = tiny
+    weights = tree_flatten(ours.parameters())
+    mx.eval([v for _, v in weights])
+    strided = [k for k, v in weights if not np.asarray(v).flags["C_CONTIGUOUS"]]
+    assert not strided
+    assert any(v.ndim == 4 for _, v in weights)
 
 
 def test_strict_loading_names_missing_and_unexpected_keys(tiny):
