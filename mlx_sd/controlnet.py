@@ -29,6 +29,7 @@ from .weights import (
     MANIFEST,
     MLX_WEIGHTS,
     ModelLoadError,
+    evaluate_one_by_one,
     is_converted,
     load_strict,
     read_converted,
@@ -431,7 +432,8 @@ def _build(config, weights, quantization, dtype, name):
     if quantization:
         rebuild_quantized(model, weights, quantization, "controlnet")
     load_strict(model, weights, "controlnet", dtype)
-    mx.eval(model.parameters())
+    del weights
+    evaluate_one_by_one(model)
     model.name = Path(str(name)).stem if str(name).lower().endswith(".safetensors") else str(name)
     return model
 

@@ -22,6 +22,7 @@ from .weights import (
     MANIFEST,
     MAX_JSON_BYTES,
     ModelLoadError,
+    evaluate_one_by_one,
     is_converted,
     load_strict,
     read_converted,
@@ -204,10 +205,9 @@ def load_component(folder, name, dtype, quantize=None, checkpoint=None, variant=
     load_strict(model, weights, str(Path(folder) / name), dtype)
     if quantize:
         quantize_model(model, quantize, QUANTIZE_GROUP_SIZE)
-    # Evaluated now, with no reference left to the source arrays, so that each source tensor is freed once
-    # converted: at most one component's weights are in memory while loading.
+    # Evaluated now, with no reference left to the source arrays: one component's weights in memory while loading
     del weights
-    mx.eval(model.parameters())
+    evaluate_one_by_one(model)
     return model
 
 

@@ -197,6 +197,14 @@ def load_strict(model: nn.Module, weights, component, dtype=None):
     return model
 
 
+def evaluate_one_by_one(model: nn.Module):
+    """Evaluates the model's parameters one array at a time: with no other reference left to the source arrays,
+    each is freed once converted (or copied to row-major order), so that loading holds one array more than
+    the weights, not a second copy of them."""
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)
+
+
 def _sample(keys, n=5):
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more

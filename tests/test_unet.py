@@ -228,6 +228,24 @@ def test_loaded_weights_are_row_major(tiny):
     assert any(v.ndim == 4 for _, v in weights)
 
 
+def test_loading_holds_one_array_more_than_the_weights(tiny, tmp_path):
+    """load_component evaluates the weights one array at a time, each source array freed once copied to
+    row-major order: MLX's peak while loading stays within the loaded weights plus their largest array."""
+    from mlx_sd.loading import load_component
+
+    config, _, _, folder = tiny
+    (tmp_path / "unet").symlink_to(folder)
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_component(tmp_path, "unet", mx.float32)
+    weights = [v for _, v in tree_flatten(model.parameters())]
+    total, largest = sum(v.nbytes for v in weights), max(v.nbytes for v in weights)
+    assert mx.get_peak_memory() - base <= total + largest
+    assert total > 4 * largest  # the bound is not loose: a second copy of the 4-D kernels would exceed it
+
+
 def test_strict_loading_names_missing_and_unexpected_keys(tiny):
     config, _, _, folder = tiny
     weights = sanitize(read_safetensors(folder))
