@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .quantize import QuantizedConv2d
-from .workers import cores, map_pieces
+from .workers import map_pieces, width
 
 _WHOLE_IMAGES = ContextVar("whole_images", default=False)
 
@@ -160,9 +160,9 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
 
 def _row_blocks(piece, starts, images):
     """(start, [piece((start, b)) for each image b]) in the order of `starts`, computed a group of row blocks at a
-    time on the worker threads (one piece per core: all images of a block, and consecutive blocks where there
-    are fewer images than cores)."""
-    group = -(-cores() // images)
+    time on the worker threads (one piece per worker: all images of a block, and consecutive blocks where there
+    are fewer images than workers; one block at a time where there is no pool)."""
+    group = -(-width() // images)
     for g in range(0, len(starts), group):
         pieces = [(start, b) for start in starts[g : g + group] for b in range(images)]
         blocks = map_pieces(piece, pieces)

@@ -64,6 +64,11 @@ def _executor():
         return _pool or None
 
 
+def width():
+    """How many pieces map_pieces runs at once: the pool's threads, or 1 where there is no pool."""
+    return cores() if _executor() else 1  # the pool has a thread per core
+
+
 def map_pieces(fn, pieces):
     """[fn(piece) for piece in pieces], the pieces on the worker threads; fn runs numpy only."""
     pieces = list(pieces)

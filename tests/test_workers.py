@@ -39,9 +39,9 @@ def test_attention_on_the_workers_equals_one_thread(monkeypatch):
     np.testing.assert_array_equal(np.array(attention(q, k, v, 40**-0.5)), threaded)
 
 
-@pytest.mark.parametrize("cores", [1, 3])
-def test_convolution_row_blocks_on_the_workers_equal_one_thread(cores, monkeypatch):
-    """One image, blocks of 4 rows computed `cores` at a time (the last group shorter), written over the input
+@pytest.mark.parametrize("width", [1, 3])
+def test_convolution_row_blocks_on_the_workers_equal_one_thread(width, monkeypatch):
+    """One image, blocks of 4 rows computed `width` at a time (the last group shorter), written over the input
     (each block only after the next one has read its rows): the values of the blocks one after the other."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the numpy path is a CPU path")
@@ -50,10 +50,10 @@ def test_convolution_row_blocks_on_the_workers_equal_one_thread(cores, monkeypat
     conv = nn.Conv2d(C, C, 3, padding=1)
     x = mx.random.normal((B, H, W, C), key=mx.random.key(3))
     mx.eval(conv.parameters(), x)
-    monkeypatch.setattr("mlx_sd.convolution.cores", lambda: cores)
+    monkeypatch.setattr("mlx_sd.convolution.width", lambda: width)
     got = np.array(conv3x3(conv, mx.array(x), overwrite=True))
     one_thread(monkeypatch)
-    monkeypatch.setattr("mlx_sd.convolution.cores", lambda: 1)
+    monkeypatch.setattr("mlx_sd.convolution.width", lambda: 1)
     np.testing.assert_array_equal(got, np.array(conv3x3(conv, x)))
 
 
