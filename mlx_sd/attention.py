@@ -17,7 +17,7 @@ import numpy as np
 
 from .activations import exp_nonpositive
 from .convolution import evaluate_blocks
-from .workers import map_pieces
+from .workers import Scratch, map_pieces
 
 # score elements per query block on the CPU (4M float32: 16 MiB per intermediate)
 ATTENTION_BLOCK = 2**22
@@ -74,14 +74,15 @@ def _numpy_attention(q, k, v, scale):
     arrays = mx.contiguous(q * mx.array(scale, q.dtype)), mx.contiguous(k.swapaxes(-1, -2)), _with_ones(v)
     mx.eval(*arrays)
     q, kt, v = (np.asarray(a) for a in arrays)  # no copies: the arrays stay alive until the end
-    out = np.empty((B, heads, Lq, d), np.float32)
+    out, buffers = np.empty((B, heads, Lq, d), np.float32), Scratch()
 
     def head(index):
         b, h = divmod(index, heads)
         for i in range(0, Lq, block):
-            scores = q[b, h, i : i + block] @ kt[b, h]  # (block, Lk)
+            rows = q[b, h, i : i + block]
+            scores = np.matmul(rows, kt[b, h], out=buffers.get("scores", (len(rows), kt.shape[-1])))
             _exp_minus_row_max(scores)
-            weighted = scores @ v[b, h]  # (block, d + 1)
+            weighted = np.matmul(scores, v[b, h], out=buffers.get("weighted", (len(rows), v.shape[-1])))
             np.divide(weighted[:, :-1], weighted[:, -1:], out=out[b, h, i : i + block])
 
     map_pieces(head, range(B * heads))

@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .quantize import QuantizedConv2d
-from .workers import map_pieces, width
+from .workers import Scratch, map_pieces, width
 
 _WHOLE_IMAGES = ContextVar("whole_images", default=False)
 
@@ -41,9 +41,11 @@ SHIFTED_MIN_PIXELS = 8192
 # 1 x 64 x 64 x 512, 0.7x for 2 x 32 x 32 x 640, even at 1 x 32 x 32 x 512, 2x at 2 x 16 x 16 x 1280 (where
 # transforming the kernel costs more than it saves)
 NUMPY_MIN_PIXELS = 2048
-# transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (2M: 8 MiB;
-# blocks that stay in the caches: 512 x 512 x 128 took 1.05 s in blocks of 6-8 rows, 1.8 s in blocks of 20)
-NUMPY_CONV_BLOCK = 2**21
+# transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (4M: 16 MiB),
+# twice that for upsampling convolutions (whose products have M = half the block's rows times the width): large
+# enough for products with M >= ~400 at 128 x 128 x 512, small enough to stay in the caches at 512 x 512 x 128
+# (x86 AVX-512, 2 workers: the SD VAE's layers 0.75-1.0x their time with 2M, upsampling ones 0.7-0.8x with 8M)
+NUMPY_CONV_BLOCK = 2**22
 # Winograd F(2x2, 3x3): the input transform B^T d B of a 4 x 4 tile and the output transform A^T m A of its 4 x 4
 # products, as (index, sign) terms over a tile's rows or columns 0-3 (the kernel transform G k G^T: _kernel_rows)
 WINOGRAD_B = (((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1)))
@@ -128,17 +130,19 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     mx.eval(*arrays)
     images, weight, *rest = (np.asarray(a) for a in arrays)  # no copies: `arrays` stays alive until the end
     bias = rest.pop(0) if "bias" in conv else None
-    kernels = _Kernels(weight)
+    halves = [a * 0.5 for a in rest]  # the affine's scale and shift halved, as _prologue takes them
+    kernels, buffers = _Kernels(weight), Scratch()
     if overwrite and scale == 1 and weight.shape[0] == C:
         out = arrays[0]
     else:
         out = _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
-    rows = max(2, NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
+    rows = max(2, scale * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
 
     def piece(item):  # on a worker thread: numpy only
         start, b = item
-        return _numpy_block(images[b], start, min(start + rows, scale * H), scale, [a[b] for a in rest], kernels)
+        stop = min(start + rows, scale * H)
+        return _numpy_block(images[b], start, stop, scale, [a[b] for a in halves], kernels, buffers)
 
     pending = []
     for start, blocks in _row_blocks(piece, range(0, scale * H, rows), B):
@@ -233,40 +237,52 @@ def _kernel_rows(parts, out):
     out[1:3] *= 0.5
 
 
-def _numpy_block(image, start, stop, scale, affine, kernels):
+def _numpy_block(image, start, stop, scale, halves, kernels, buffers):
     """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), no bias: numpy (rows, scale * W, O), or
-    from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O)."""
+    from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O). `halves`: the prologue's
+    halved (scale, shift), or none; `buffers`: the call's Scratch."""
     H, W, C = image.shape
     rows = stop - start
+
+    def padded(shape):  # zeros, in this thread's reused memory
+        block = buffers.get("padded", shape)
+        block.fill(0)
+        return block
+
+    def prologue(out, inputs):
+        _prologue(out, inputs, halves, buffers.get("prologue", out.shape))
+
     if scale == 2:  # start and stop are even (blocks of even rows): input rows start / 2 - 1 .. stop / 2
-        padded = np.zeros((rows // 2 + 3, W + 2, C), np.float32)
+        block = padded((rows // 2 + 3, W + 2, C))
         top, bottom = max(start // 2 - 1, 0), min(stop // 2 + 1, H)
         first = top - (start // 2 - 1)  # the padded row of input row `top`
-        _prologue(padded[first : first + bottom - top, 1:-1], image[top:bottom], affine)  # it commutes with 2x
-        return _upsampled(padded, rows // 2, W, kernels.phases)
+        prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])  # it commutes with 2x
+        return _upsampled(block, rows // 2, W, kernels.phases, buffers)
     top, bottom = max(start - 1, 0), min(stop + 1, H)  # input rows start - 1 .. stop, inside the image
     first = top - (start - 1)
     if rows % 2 or W % 2:
-        padded = np.zeros((rows + 3, W + 2, C), np.float32)  # and one spare row
-        _prologue(padded[first : first + bottom - top, 1:-1], image[top:bottom], affine)
-        return _products(padded, rows, W, kernels.per_dy)
+        block = padded((rows + 3, W + 2, C))  # and one spare row
+        prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])
+        return _products(block, rows, W, kernels.per_dy)
     # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
-    padded = np.zeros((rows + 3, 2, W // 2 + 1, C), np.float32)
-    _prologue(padded[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2], affine)
-    _prologue(padded[first : first + bottom - top, 0, 1:], image[top:bottom, 1::2], affine)
-    return _winograd(padded, rows, kernels.winograd)
+    block = padded((rows + 3, 2, W // 2 + 1, C))
+    prologue(block[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2])
+    prologue(block[first : first + bottom - top, 0, 1:], image[top:bottom, 1::2])
+    return _winograd(block, rows, kernels.winograd, buffers)
 
 
-def _prologue(out, inputs, affine):
-    """out = SiLU(inputs * scale + shift) for affine = (scale, shift); inputs themselves for no affine."""
-    if not affine:
+def _prologue(out, inputs, halves, scratch):
+    """out = SiLU(inputs * scale + shift) for halves = (scale / 2, shift / 2), by way of `scratch` (out's shape);
+    inputs themselves for no halves. SiLU(y) = y (1 + tanh(y / 2)) / 2 = h + h tanh(h) for h = y / 2: five passes
+    (x86 AVX-512: 3.4 ns per value, e**-y's form 3.9; numpy's SIMD tanh and exp, within 7e-7 of float64)."""
+    if not halves:
         out[...] = inputs
         return
-    np.multiply(inputs, affine[0], out=out)
-    out += affine[1]
-    denominator = np.exp(np.negative(out))  # SiLU: x / (1 + e**-x)
-    denominator += 1
-    np.divide(out, denominator, out=out)
+    np.multiply(inputs, halves[0], out=out)
+    out += halves[1]  # h
+    np.tanh(out, out=scratch)
+    scratch *= out
+    out += scratch
 
 
 def _products(padded, rows, width, kernels):
@@ -280,32 +296,34 @@ def _products(padded, rows, width, kernels):
     return out.reshape(rows, Wp, -1)[:, :width]
 
 
-def _taps(padded):
+def _taps(padded, buffers=None):
     """A zero-padded block (rows, Wp, C) flattened to pixels, with the three dx taps of each side by side:
-    (rows * Wp - 2, 3 C)."""
+    (rows * Wp - 2, 3 C); in the calling thread's memory of `buffers` (a Scratch) where given."""
     flat = padded.reshape(-1, padded.shape[-1])
-    n = len(flat) - 2
-    return np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1)  # dx = 0, 1, 2
+    n, C = len(flat) - 2, flat.shape[-1]
+    out = None if buffers is None else buffers.get("taps", (n, 3 * C))
+    return np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1, out=out)  # dx = 0, 1, 2
 
 
-def _upsampled(padded, rows, width, kernels):
+def _upsampled(padded, rows, width, kernels, buffers):
     """The 3x3 convolution of the nearest 2x upsampling of a zero-padded block (rows + 3, width + 2, C), from the
     block itself: each of the four output phases (even or odd row and column) is a 2x2 convolution of the input
     with sums of the 3x3 taps (_Kernels.phases), two products with K = 2 C on the three dx taps side by side.
     16 C multiplications per 2 x 2 outputs and output channel, as Winograd's, with no transforms and a quarter
     of the input. Returns the output tiles (rows, 2, 2 width, 2, O) as a view."""
-    Wp, C, taps = width + 2, padded.shape[-1], _taps(padded)
+    Wp, C, taps = width + 2, padded.shape[-1], _taps(padded, buffers)
     m = rows * Wp
     out = np.empty((rows, 2, 2, width, kernels.shape[-1]), np.float32)
+    y, product = (buffers.get(slot, (m, kernels.shape[-1])) for slot in ("y", "product"))
     for pr, pc in np.ndindex(2, 2):
         columns = taps[:, pc * C : (pc + 2) * C]  # input columns j + pc - 1 and j + pc
-        y = columns[pr * Wp : pr * Wp + m] @ kernels[pr, pc, 0]
-        y += columns[(pr + 1) * Wp : (pr + 1) * Wp + m] @ kernels[pr, pc, 1]
+        np.matmul(columns[pr * Wp : pr * Wp + m], kernels[pr, pc, 0], out=y)
+        y += np.matmul(columns[(pr + 1) * Wp : (pr + 1) * Wp + m], kernels[pr, pc, 1], out=product)
         out[:, pr, pc] = y.reshape(rows, Wp, -1)[:, :width]
     return out.transpose(0, 1, 3, 2, 4)
 
 
-def _winograd(padded, rows, kernels):
+def _winograd(padded, rows, kernels, buffers):
     """The 3x3 convolution of a zero-padded block, its columns even and odd apart ((rows + 3, 2, S + 1, C) for
     2 S output columns; rows even) by Winograd's F(2x2, 3x3): each 2 x 2 output tile from the 4 x 4 input
     tile around it, transformed (B^T d B: sums and differences of its rows, then of its columns), 16 products
@@ -315,16 +333,19 @@ def _winograd(padded, rows, kernels):
     (numpy's strided loops ran 2.3x slower). Returns the tiles (rows / 2, 2, 2 S / 2, 2, O) as a view."""
     T, S, C = rows // 2, padded.shape[2] - 1, padded.shape[-1]
     d = [padded[k : k + 2 * T : 2] for k in range(4)]  # row k of every tile
-    v = np.empty((4, 4, T, S, C), np.float32)
+    v, u = buffers.get("v", (4, 4, T, S, C)), buffers.get("u", (T, 2, S + 1, C))
     for a, pair in enumerate(WINOGRAD_B):
-        u = _combine(d, pair)  # (T, 2, S + 1, C)
+        _combine(d, pair, out=u)
         columns = [u[:, 0, :-1], u[:, 1, :-1], u[:, 0, 1:], u[:, 1, 1:]]  # column k of every tile: (T, S, C)
         for b, pair in enumerate(WINOGRAD_B):
             _combine(columns, pair, out=v[a, b])
-    m = np.matmul(v.reshape(16, T * S, C), kernels).reshape(4, 4, T, S, -1)
+    m = np.matmul(v.reshape(16, T * S, C), kernels, out=buffers.get("m", (16, T * S, kernels.shape[-1])))
+    m = m.reshape(4, 4, T, S, -1)
     out = np.empty((T, 2, 2, S, m.shape[-1]), np.float32)
     for c, column in enumerate(WINOGRAD_A):
-        half = _combine([m[:, k] for k in range(4)], column)  # (4, T, S, O): output column c of each row
+        half = _combine(
+            [m[:, k] for k in range(4)], column, out=buffers.get("half", (4, T, S, m.shape[-1]))
+        )  # (4, T, S, O): output column c of each row
         for r, row in enumerate(WINOGRAD_A):
             _combine(half, row, out=out[:, r, c])
     return out.transpose(0, 1, 3, 2, 4)

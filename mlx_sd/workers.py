@@ -69,6 +69,24 @@ def width():
     return cores() if _executor() else 1  # the pool has a thread per core
 
 
+class Scratch:
+    """Temporary float32 arrays for the pieces of one call, reused by each thread from piece to piece: a freshly
+    allocated array of a few MiB costs a page fault per 4 KiB at its first write (SiLU in numpy on a new 2 MiB
+    block: 12 ns per value, 3.9 into reused ones; x86 AVX-512). `get(slot, shape)` returns the calling thread's
+    array for `slot`, the memory of its last one where that is large enough; what it held is undefined, and it
+    is the same memory at the thread's next request for that slot. The arrays go with the Scratch object."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, slot, shape):
+        key, size = (threading.get_ident(), slot), int(np.prod(shape))
+        array = self._arrays.get(key)  # each key is one thread's own: no lock needed
+        if array is None or array.size < size:
+            array = self._arrays[key] = np.empty(size, np.float32)
+        return array[:size].reshape(shape)
+
+
 def map_pieces(fn, pieces):
     """[fn(piece) for piece in pieces], the pieces on the worker threads; fn runs numpy only."""
     pieces = list(pieces)

@@ -150,7 +150,7 @@ def test_numpy_path_matches_the_convolution(upsample, normalize, H, W, counts, m
     residual = mx.random.normal((B, scale * H, scale * W, out), key=mx.random.key(11))
     calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0}
     spy(monkeypatch, calls)
-    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (scale * W + 2) * C * 6)
+    monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (scale * W + 2) * C * 6 // scale)
     prologue = norm_act(norm, x, silu) if normalize else None
     got = conv3x3(conv, x, prologue, upsample, residual=lambda a, b: residual[:, a:b])
     assert sorted(set(calls["block"])) == list(range(0, scale * H, 6))  # row blocks of each image

@@ -99,3 +99,21 @@ def test_kernel_layouts_are_made_once_for_concurrent_blocks(layout, monkeypatch)
     for array in got[1:]:
         np.testing.assert_array_equal(array, got[0])
     np.testing.assert_array_equal(got[0], real(kernels.per_dy.reshape(3, 3, 16, 24)))
+
+
+def test_scratch_reuses_each_threads_memory_per_slot():
+    """A thread's second request for a slot gets the same memory (grown where asked for more); other slots and
+    other threads get their own."""
+
+    buffers = workers.Scratch()
+    a = buffers.get("x", (4, 8))
+    b = buffers.get("x", (2, 8))
+    assert a.shape == (4, 8) and b.shape == (2, 8) and np.shares_memory(a, b)
+    assert not np.shares_memory(a, buffers.get("y", (4, 8)))
+    other = []
+    thread = threading.Thread(target=lambda: other.append(buffers.get("x", (4, 8))))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(a, other[0])
+    c = buffers.get("x", (8, 8))  # larger: new memory
+    assert c.shape == (8, 8) and c.dtype == np.float32 and not np.shares_memory(a, c)
