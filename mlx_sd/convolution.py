@@ -341,11 +341,9 @@ def _winograd(padded, rows, kernels, buffers):
             _combine(columns, pair, out=v[a, b])
     m = np.matmul(v.reshape(16, T * S, C), kernels, out=buffers.get("m", (16, T * S, kernels.shape[-1])))
     m = m.reshape(4, 4, T, S, -1)
-    out = np.empty((T, 2, 2, S, m.shape[-1]), np.float32)
+    out, half = np.empty((T, 2, 2, S, m.shape[-1]), np.float32), buffers.get("half", (4, T, S, m.shape[-1]))
     for c, column in enumerate(WINOGRAD_A):
-        half = _combine(
-            [m[:, k] for k in range(4)], column, out=buffers.get("half", (4, T, S, m.shape[-1]))
-        )  # (4, T, S, O): output column c of each row
+        _combine([m[:, k] for k in range(4)], column, out=half)  # (4, T, S, O): output column c of each row
         for r, row in enumerate(WINOGRAD_A):
             _combine(half, row, out=out[:, r, c])
     return out.transpose(0, 1, 3, 2, 4)

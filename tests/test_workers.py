@@ -104,7 +104,6 @@ def test_kernel_layouts_are_made_once_for_concurrent_blocks(layout, monkeypatch)
 def test_scratch_reuses_each_threads_memory_per_slot():
     """A thread's second request for a slot gets the same memory (grown where asked for more); other slots and
     other threads get their own."""
-
     buffers = workers.Scratch()
     a = buffers.get("x", (4, 8))
     b = buffers.get("x", (2, 8))
