@@ -2,9 +2,11 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .activations import fast_path, silu
 from .convolution import evaluate_blocks
+from .workers import Scratch, map_pieces
 
 # elements per block of the variance's squared deviations (eagerly on the CPU; 4 MiB in float32)
 NORM_BLOCK = 2**20
@@ -40,6 +42,8 @@ class GroupNorm(nn.GroupNorm):
 
     def statistics(self, x):
         """The mean and 1 / standard deviation of each group of float32 x (B, H, W, C), each (B, 1, G, 1)."""
+        if evaluate_blocks():
+            return tuple(mx.array(a) for a in _numpy_statistics(x, self.num_groups, self.eps))
         B, H, W, C = x.shape
         G, n = self.num_groups, H * W * (C // self.num_groups)
 
@@ -66,6 +70,34 @@ class GroupNorm(nn.GroupNorm):
         """(B, 1, G, 1) per group -> (B, C) per channel."""
         B, G = t.shape[0], self.num_groups
         return mx.broadcast_to(t.reshape(B, G, 1), (B, G, channels // G)).reshape(B, channels)
+
+
+def _numpy_statistics(x, groups, eps):
+    """GroupNorm.statistics eagerly on the CPU, in numpy on the worker threads (MLX's reductions use one core:
+    0.09 s at 512 x 512 x 128, x86 AVX-512; 0.03 s so): per block of rows, float32 sums per channel (a product
+    with ones; the squared deviations from the float32 channel means by einsum), then float64 over the blocks."""
+    mx.eval(x := mx.contiguous(x))
+    images, (B, H, W, C) = np.asarray(x), x.shape
+    rows, scratch = max(1, NORM_BLOCK // (W * C)), Scratch()
+    pieces = [(b, start) for b in range(B) for start in range(0, H, rows)]
+    ones = np.ones(rows * W, np.float32)
+
+    def group_sums(sums):  # per piece (C,) -> per image and group (B, 1, G, 1), in float64
+        per_image = np.sum(np.reshape(sums, (B, -1, C)), axis=1, dtype=np.float64)
+        return per_image.reshape(B, 1, groups, -1).sum(axis=-1, keepdims=True) / (H * W * C // groups)
+
+    def sums(piece, mean=None):  # on a worker thread: numpy only
+        b, start = piece
+        block = images[b, start : start + rows].reshape(-1, C)
+        if mean is None:
+            return ones[: len(block)] @ block
+        deviations = np.subtract(block, mean[b], out=scratch.get("deviations", block.shape))  # reused memory
+        return np.einsum("ij,ij->j", deviations, deviations)
+
+    mean = group_sums(map_pieces(sums, pieces))
+    channel_mean = np.repeat(mean.reshape(B, groups), C // groups, axis=1).astype(np.float32)
+    variance = group_sums(map_pieces(lambda piece: sums(piece, channel_mean), pieces))
+    return mean.astype(np.float32), (1 / np.sqrt(variance + eps)).astype(np.float32)
 
 
 @mx.compile
