@@ -64,8 +64,9 @@ def _attention_block(q, kt, v):
 
 def _numpy_attention(q, k, v, scale):
     """The float32 attention on the CPU backend, evaluated now: the same steps in numpy on views of MLX's
-    evaluated q, k^T and v, one (batch, head) and block of queries at a time, the heads on the worker threads
-    (workers.map_pieces). numpy's exp is vectorized (a 2 x 8 x 512 x 4096 score block: 0.04 s against 0.26 s
+    evaluated q, k^T and v, one (batch, head) and block of queries at a time, on the worker threads
+    (workers.map_pieces; the pieces are blocks, not heads: SD 2.1's 5 heads at batch 1 kept one of two workers
+    idle for a fifth of the time). numpy's exp is vectorized (a 2 x 8 x 512 x 4096 score block: 0.04 s against 0.26 s
     for activations.exp_nonpositive), one head's block stays in the caches between its products, and the
     softmax's passes go over pieces that stay in a core's: one SD 1.5 4096-token layer takes 0.6 s, not 1.6-2.1
     (x86 AVX-512, one thread), and 1.1 s instead of 2.1 with the workers (x86 AVX2, 2 cores)."""
@@ -76,16 +77,15 @@ def _numpy_attention(q, k, v, scale):
     q, kt, v = (np.asarray(a) for a in arrays)  # no copies: the arrays stay alive until the end
     out, buffers = np.empty((B, heads, Lq, d), np.float32), Scratch()
 
-    def head(index):
-        b, h = divmod(index, heads)
-        for i in range(0, Lq, block):
-            rows = q[b, h, i : i + block]
-            scores = np.matmul(rows, kt[b, h], out=buffers.get("scores", (len(rows), kt.shape[-1])))
-            _exp_minus_row_max(scores)
-            weighted = np.matmul(scores, v[b, h], out=buffers.get("weighted", (len(rows), v.shape[-1])))
-            np.divide(weighted[:, :-1], weighted[:, -1:], out=out[b, h, i : i + block])
+    def piece(item):  # on a worker thread: numpy only
+        b, h, i = item[0], item[1], item[2] * block
+        rows = q[b, h, i : i + block]
+        scores = np.matmul(rows, kt[b, h], out=buffers.get("scores", (len(rows), kt.shape[-1])))
+        _exp_minus_row_max(scores)
+        weighted = np.matmul(scores, v[b, h], out=buffers.get("weighted", (len(rows), v.shape[-1])))
+        np.divide(weighted[:, :-1], weighted[:, -1:], out=out[b, h, i : i + block])
 
-    map_pieces(head, range(B * heads))
+    map_pieces(piece, np.ndindex(B, heads, -(-Lq // block)))
     return mx.array(out)
 
 
