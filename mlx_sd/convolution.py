@@ -10,8 +10,9 @@ same values as in one call: the result is identical. Large float32 convolutions 
 nine shifted matrix products instead (shifted_conv3x3: no unfolded input, 1.4-2.4x faster from 64x64 pixels;
 within float32 rounding of MLX's convolution), or with few output channels as one product whose outputs are
 shifted and summed (shifted_sums_conv3x3: 7x faster for the VAE's conv_out), chosen once per image; their
-blocks agree with one call within float32 rounding. Where those products would be used and the prologue is
-GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in numpy instead (_numpy_conv3x3:
+blocks agree with one call within float32 rounding. Where those products would be used (the second form without
+upsampling) and the prologue is GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in numpy
+instead (_numpy_conv3x3:
 vectorized elementwise work, and Winograd's F(2x2, 3x3), 16 multiplications per 2 x 2 outputs and channel in
 place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's decode at 512 x 512 0.76x;
 the error against float64 is 1.6x that of the direct products). Elsewhere (Metal, CUDA:
@@ -73,7 +74,8 @@ def conv3x3(conv, x, prologue=None, upsample=False, residual=None, overwrite=Fal
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     copies = 9  # the unfolded input of MLX's convolution; the shifted products' padded copy and prologue: ~3
-    if evaluate_blocks() and shifted_products(conv, x, scale, NUMPY_MIN_PIXELS) == "inputs":
+    kind = shifted_products(conv, x, scale, NUMPY_MIN_PIXELS) if evaluate_blocks() else None
+    if kind == "inputs" or (kind == "outputs" and not upsample):
         affine = None if prologue is None else getattr(prologue, "affine", lambda: None)()
         if prologue is None or affine is not None:
             return _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite)
@@ -117,10 +119,14 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     output rows and image, the prologue (GroupNorm's per-channel `affine` (scale, shift) and SiLU, if given)
     is written into a zero-padded block (numpy's elementwise work is vectorized; MLX's CPU kernels are not
     here), then convolved by Winograd's F(2x2, 3x3) (_winograd: 16 products with K = C in place of 36 per
-    2 x 2 outputs), when upsampling as four 2x2 convolutions of the input (_upsampled), or for an odd number of
-    rows or columns by three products with K = 3 C (_products).
-    Each block is written into the output's buffer one block late, when the next block has read its input
-    rows: with `overwrite` (and no upsampling, as many outputs as inputs) that buffer is x's own."""
+    2 x 2 outputs), when upsampling as four 2x2 convolutions of the input (_upsampled), for an odd number of
+    rows or columns by three products with K = 3 C (_products), and to SHIFTED_SUMS_MAX outputs or fewer by one
+    product and shifted sums (_shifted_sums: the SD VAE's conv_out at 512 x 512 0.21 s, 0.64 s in MLX).
+    The workers also add the bias and the residual (its rows for a group of blocks evaluated before them) and
+    write the output (SD VAE 512 x 512 x 128: the 0.3 s of 1.05 s that the calling thread spent so before,
+    both cores idle but one). With `overwrite` (and no upsampling, as many outputs as inputs) the output's
+    buffer is x's own: each block's first and last rows, which its neighbours read, wait until the next group
+    of blocks has run."""
     B, H, W, C = x.shape
     scale = 2 if upsample else 1
     weight = _float32_kernel(conv)
@@ -132,53 +138,65 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     bias = rest.pop(0) if "bias" in conv else None
     halves = [a * 0.5 for a in rest]  # the affine's scale and shift halved, as _prologue takes them
     kernels, buffers = _Kernels(weight), Scratch()
-    if overwrite and scale == 1 and weight.shape[0] == C:
-        out = arrays[0]
-    else:
-        out = _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
+    in_place = overwrite and scale == 1 and weight.shape[0] == C
+    out = arrays[0] if in_place else _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
     rows = max(2, scale * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
 
     def piece(item):  # on a worker thread: numpy only
-        start, b = item
+        start, b, extra = item
         stop = min(start + rows, scale * H)
-        return _numpy_block(images[b], start, stop, scale, [a[b] for a in halves], kernels, buffers)
-
-    pending = []
-    for start, blocks in _row_blocks(piece, range(0, scale * H, rows), B):
-        stop = min(start + rows, scale * H)
+        block = _numpy_block(images[b], start, stop, scale, [a[b] for a in halves], kernels, buffers)
         if bias is not None:
-            for block in blocks:
-                block += bias
-        if residual is not None:
-            extra = np.asarray(_evaluated(mx.contiguous(residual(start, stop))))
-            for b, block in enumerate(blocks):
-                block += extra[b].reshape(block.shape)
-        for b, (a, z, block) in enumerate(pending):  # the block before: its input rows are all read now
-            _write(target[b, a:z], block)
-        pending = [(start, stop, block) for block in blocks]
-    for b, (a, z, block) in enumerate(pending):
-        _write(target[b, a:z], block)
+            block += bias
+        if extra is not None:
+            block += extra.reshape(block.shape)
+        return _write(target[b, start:stop], block, keep_edges=in_place)
+
+    edges = []
+    for group in _groups(range(0, scale * H, rows), B):
+        first, last = group[0], min(group[-1] + rows, scale * H)
+        extra = None if residual is None else np.asarray(_evaluated(mx.contiguous(residual(first, last))))
+        pieces = [
+            (s, b, None if extra is None else extra[b, s - first : s - first + rows]) for s in group for b in range(B)
+        ]
+        done = map_pieces(piece, pieces)
+        _write_edges(target, edges, rows)  # the group before's: the blocks that read them have run
+        edges = [(s, b, kept) for (s, b, _), kept in zip(pieces, done)]
+    _write_edges(target, edges, rows)
     return out
 
 
-def _row_blocks(piece, starts, images):
-    """(start, [piece((start, b)) for each image b]) in the order of `starts`, computed a group of row blocks at a
-    time on the worker threads (one piece per worker: all images of a block, and consecutive blocks where there
-    are fewer images than workers; one block at a time where there is no pool)."""
+def _groups(starts, images):
+    """The row blocks' starts in groups of one piece per worker: all images of a block, and consecutive blocks
+    where there are fewer images than workers (one block at a time where there is no pool)."""
     group = -(-width() // images)
-    for g in range(0, len(starts), group):
-        pieces = [(start, b) for start in starts[g : g + group] for b in range(images)]
-        blocks = map_pieces(piece, pieces)
-        for i, start in enumerate(starts[g : g + group]):
-            yield start, blocks[i * images : (i + 1) * images]
+    return [starts[g : g + group] for g in range(0, len(starts), group)]
 
 
-def _write(rows, block):
-    """Writes a block (rows, width, O), or its (rows / 2, 2, width / 2, 2, O) tiles, into contiguous `rows`."""
+def _write(rows, block, keep_edges=False):
+    """Writes a block (n, width, O), or its (n / 2, 2, width / 2, 2, O) tiles, into contiguous `rows`; with
+    keep_edges all but its first and last rows, which it returns (copies, (width, O)) to be written later."""
     view = rows.view()
     view.shape = block.shape  # raises rather than copies
-    view[...] = block
+    if not keep_edges:
+        view[...] = block
+        return None
+    if block.ndim == 3:
+        view[1:-1] = block[1:-1]
+        edges = block[0], block[-1]
+    else:  # row i of the block: tile row i // 2, phase i % 2
+        if len(block) > 1:
+            view[0, 1], view[1:-1], view[-1, 0] = block[0, 1], block[1:-1], block[-1, 0]
+        edges = block[0, 0], block[-1, 1]
+    return [np.ascontiguousarray(edge).reshape(rows.shape[1:]) for edge in edges]
+
+
+def _write_edges(target, edges, rows):
+    """Writes the first and last rows that _write kept of each block (start, image, kept)."""
+    for start, b, kept in edges:
+        if kept is not None:
+            target[b, start], target[b, min(start + rows, len(target[b])) - 1] = kept
 
 
 class _Kernels:
@@ -188,6 +206,7 @@ class _Kernels:
 
     def __init__(self, weight):
         self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a copy
+        self.few_outputs = weight.shape[0] <= SHIFTED_SUMS_MAX
         self._made = {}
         self._lock = threading.Lock()
 
@@ -205,6 +224,10 @@ class _Kernels:
     def phases(self):
         return self._layout(_phase_kernels)
 
+    @property
+    def taps(self):
+        return self._layout(_tap_kernels)
+
 
 def _winograd_kernels(k):
     """The 16 transformed (C, O) kernels G k G^T of k (dy, dx, C, O)."""
@@ -213,6 +236,11 @@ def _winograd_kernels(k):
     u = np.empty((4, 4, *k.shape[2:]), np.float32)
     _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
     return u.reshape(16, *k.shape[2:])
+
+
+def _tap_kernels(k):
+    """For _shifted_sums: the nine taps' (C, O) kernels of k (dy, dx, C, O) side by side, (C, [dy, dx, O])."""
+    return np.ascontiguousarray(k.transpose(2, 0, 1, 3)).reshape(k.shape[2], -1)
 
 
 def _phase_kernels(k):
@@ -260,9 +288,11 @@ def _numpy_block(image, start, stop, scale, halves, kernels, buffers):
         return _upsampled(block, rows // 2, W, kernels.phases, buffers)
     top, bottom = max(start - 1, 0), min(stop + 1, H)  # input rows start - 1 .. stop, inside the image
     first = top - (start - 1)
-    if rows % 2 or W % 2:
+    if rows % 2 or W % 2 or kernels.few_outputs:
         block = padded((rows + 3, W + 2, C))  # and one spare row
         prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])
+        if kernels.few_outputs:
+            return _shifted_sums(block, rows, W, kernels.taps)
         return _products(block, rows, W, kernels.per_dy)
     # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
     block = padded((rows + 3, 2, W // 2 + 1, C))
@@ -294,6 +324,20 @@ def _products(padded, rows, width, kernels):
     for dy in (1, 2):
         out += taps[dy * Wp : dy * Wp + m] @ kernels[dy]
     return out.reshape(rows, Wp, -1)[:, :width]
+
+
+def _shifted_sums(padded, rows, width, kernels):
+    """The 3x3 convolution of a zero-padded block (rows + 3, width + 2, C) to few (O) outputs: one product of its
+    pixels with the nine taps' kernels side by side (C, 9 O), then the sum of each tap's O columns shifted by
+    its offset (as shifted_sums_conv3x3)."""
+    Wp, n = width + 2, kernels.shape[-1] // 9
+    products = padded.reshape(-1, padded.shape[-1]) @ kernels  # (pixels, [dy, dx, O])
+    m = rows * Wp
+    out = products[:m, :n].copy()
+    for tap in range(1, 9):
+        shift = tap // 3 * Wp + tap % 3
+        out += products[shift : shift + m, tap * n : (tap + 1) * n]
+    return out.reshape(rows, Wp, n)[:, :width]
 
 
 def _taps(padded, buffers=None):

@@ -125,36 +125,38 @@ def test_shifted_products_take_float16_and_quantized_kernels(kind):
 
 
 @pytest.mark.parametrize(
-    "upsample, normalize, H, W, counts",
+    "upsample, normalize, H, W, out, counts",
     [
-        (False, True, 64, 64, (11, 0, 0)),  # Winograd's F(2x2, 3x3) on every block (6 rows; the last 4)
-        (True, False, 32, 40, (0, 0, 11)),  # upsampled: four 2x2 convolutions of the input
-        (True, True, 33, 41, (0, 0, 11)),
-        (False, True, 65, 64, (10, 1, 0)),  # a last block of 5 rows: three products
-        (False, False, 64, 65, (0, 11, 0)),  # an odd width: three products throughout
+        (False, True, 64, 64, 72, (11, 0, 0, 0)),  # Winograd's F(2x2, 3x3) on every block (6 rows; the last 4)
+        (True, False, 32, 40, 72, (0, 0, 11, 0)),  # upsampled: four 2x2 convolutions of the input
+        (True, True, 33, 41, 72, (0, 0, 11, 0)),
+        (False, True, 65, 64, 72, (10, 1, 0, 0)),  # a last block of 5 rows: three products
+        (False, False, 64, 65, 72, (0, 11, 0, 0)),  # an odd width: three products throughout
+        (False, True, 65, 64, 3, (0, 0, 0, 11)),  # 3 outputs (the VAE's conv_out): one product, shifted sums
     ],
 )
-def test_numpy_path_matches_the_convolution(upsample, normalize, H, W, counts, monkeypatch):
+def test_numpy_path_matches_the_convolution(upsample, normalize, H, W, out, counts, monkeypatch):
     """conv3x3's numpy path (eagerly on the CPU: GroupNorm + SiLU or no prologue, optional 2x upsampling, a
     residual, 2 images, blocks of 6 rows) against MLX's convolution of the same input, within float32 rounding;
     its blocks of even rows and width by Winograd's F(2x2, 3x3), upsampled ones as four 2x2 convolutions of the
-    input, the others by three products."""
+    input, the others by three products, and with 16 outputs or fewer by one product whose outputs are shifted
+    and summed."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the numpy path is a CPU path")
-    B, C, out = 2, 64, 72
+    B, C = 2, 64
     x = mx.random.normal((B, H, W, C), key=mx.random.key(8)) * 2 + 1
     conv = nn.Conv2d(C, out, 3, padding=1)
     norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
     norm.weight, norm.bias = (mx.random.normal((C,), key=mx.random.key(i)) for i in (9, 10))
     scale = 2 if upsample else 1
     residual = mx.random.normal((B, scale * H, scale * W, out), key=mx.random.key(11))
-    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0}
+    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0, "sums": 0}
     spy(monkeypatch, calls)
     monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (scale * W + 2) * C * 6 // scale)
     prologue = norm_act(norm, x, silu) if normalize else None
     got = conv3x3(conv, x, prologue, upsample, residual=lambda a, b: residual[:, a:b])
     assert sorted(set(calls["block"])) == list(range(0, scale * H, 6))  # row blocks of each image
-    assert (calls["winograd"], calls["products"], calls["upsampled"]) == tuple(B * n for n in counts)
+    assert (calls["winograd"], calls["products"], calls["upsampled"], calls["sums"]) == tuple(B * n for n in counts)
     y = nn.silu(nn.GroupNorm.__call__(norm, x)) if normalize else x
     expected = conv(upsample2x(y) if upsample else y) + residual
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=2e-5)
@@ -170,6 +172,7 @@ def spy(monkeypatch, calls):
         ("_winograd", "winograd"),
         ("_products", "products"),
         ("_upsampled", "upsampled"),
+        ("_shifted_sums", "sums"),
     ):
         real = getattr(convolution, name)
 
@@ -195,7 +198,7 @@ def test_numpy_path_can_write_over_its_input(rows, monkeypatch):
     B, H, W, C = 2, 64, 64, 64
     monkeypatch.setattr("mlx_sd.convolution.NUMPY_CONV_BLOCK", 4 * (W + 2) * C * rows)
     monkeypatch.setattr("mlx_sd.norms.NORM_BLOCK", B * 4 * W * C)  # GroupNorm's squares, 4 rows at a time
-    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0}
+    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0, "sums": 0}
     spy(monkeypatch, calls)
     conv = nn.Conv2d(C, C, 3, padding=1)
     norm = GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
@@ -229,7 +232,7 @@ def test_numpy_path_from_2048_pixels(shape, numpy_path, monkeypatch):
     MLX's convolution below (transforming the kernel would cost more than it saves)."""
     if mx.default_device() != mx.cpu:
         pytest.skip("the numpy path is a CPU path")
-    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0}
+    calls = {"block": [], "winograd": 0, "products": 0, "upsampled": 0, "sums": 0}
     spy(monkeypatch, calls)
     C = shape[-1]
     conv, norm = nn.Conv2d(C, C, 3, padding=1), GroupNorm(32, C, eps=1e-6, pytorch_compatible=True)
