@@ -48,9 +48,11 @@ NUMPY_MIN_PIXELS = 2048
 # (x86 AVX-512, 2 workers: the SD VAE's layers 0.75-1.0x their time with 2M, upsampling ones 0.7-0.8x with 8M)
 NUMPY_CONV_BLOCK = 2**22
 # Winograd F(2x2, 3x3): the input transform B^T d B of a 4 x 4 tile and the output transform A^T m A of its 4 x 4
-# products, as (index, sign) terms over a tile's rows or columns 0-3 (the kernel transform G k G^T: _kernel_rows)
+# products, as (index, sign) terms over a tile's rows or columns 0-3
 WINOGRAD_B = (((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1)))
 WINOGRAD_A = (((0, 1), (1, 1), (2, 1)), ((1, 1), (2, -1), (3, -1)))
+# and the kernel transform's G: a transformed row (column) of a 3x3 kernel from its three rows (columns)
+WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 # nearest 2x upsampling then a 3x3 convolution: the output rows (columns) 2 i + p take the taps PHASES[p][0] from
 # input row (column) i + p - 1 and PHASES[p][1] from row i + p
 PHASES = (((0,), (1, 2)), ((0, 1), (2,)))
@@ -141,7 +143,7 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     in_place = overwrite and scale == 1 and weight.shape[0] == C
     out = arrays[0] if in_place else _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
-    rows = max(2, scale * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2)
+    rows = _balanced_rows(scale * H, max(2, scale * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2), B)
 
     def piece(item):  # on a worker thread: numpy only
         start, b, extra = item
@@ -165,6 +167,19 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
         edges = [(s, b, kept) for (s, b, _), kept in zip(pieces, done)]
     _write_edges(target, edges, rows)
     return out
+
+
+def _balanced_rows(height, rows, images):
+    """The even block height from 2 to 5/4 of `rows` whose groups of blocks (_groups) take the fewest rows one
+    after the other, `rows` itself unless that is 2% fewer: for one image on two workers, 64 rows in blocks of 30
+    ran as 30 rows and then 4 on one worker (now 2 x 32 at once), 512 rows in blocks of 14 as 19 groups (16: 16),
+    32 rows in one block of 62 on one worker (2 x 16)."""
+
+    def cost(r):  # a group takes as long as its first block, the only one that can be longer than the last
+        return sum(min(r, height - group[0]) for group in _groups(range(0, height, r), images))
+
+    best = min(range(2, max(2, rows * 5 // 4) + 1, 2), key=lambda r: (cost(r), -r))
+    return best if cost(best) < 0.98 * cost(rows) else rows
 
 
 def _groups(starts, images):
@@ -201,11 +216,12 @@ def _write_edges(target, edges, rows):
 
 class _Kernels:
     """An OHWI 3x3 kernel (numpy float32) in the layouts of _products (per dy: (dx, C) x O), _winograd (the 16
-    transformed (C, O) kernels G k G^T: 25 ms for 512 x 512 channels) and _upsampled, each made once per call
-    when first needed; the blocks ask for them from the worker threads, so each is made under a lock."""
+    transformed (C, O) kernels G k G^T), _upsampled and _shifted_sums, each made once per call when first
+    needed; the blocks ask for them from the worker threads, so each is made under a lock."""
 
     def __init__(self, weight):
-        self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a copy
+        self.weight = weight
+        self.per_dy = weight.transpose(1, 2, 3, 0).reshape(3, -1, weight.shape[0])  # a view
         self.few_outputs = weight.shape[0] <= SHIFTED_SUMS_MAX
         self._made = {}
         self._lock = threading.Lock()
@@ -213,7 +229,7 @@ class _Kernels:
     def _layout(self, make):
         with self._lock:
             if make not in self._made:
-                self._made[make] = make(self.per_dy.reshape(3, 3, -1, self.per_dy.shape[-1]))  # (dy, dx, C, O)
+                self._made[make] = make(self.weight)
             return self._made[make]
 
     @property
@@ -229,40 +245,33 @@ class _Kernels:
         return self._layout(_tap_kernels)
 
 
-def _winograd_kernels(k):
-    """The 16 transformed (C, O) kernels G k G^T of k (dy, dx, C, O)."""
-    rows = np.empty((4, *k.shape[1:]), np.float32)
-    _kernel_rows(k, rows)  # across dy
-    u = np.empty((4, 4, *k.shape[2:]), np.float32)
-    _kernel_rows(rows.swapaxes(0, 1), u.swapaxes(0, 1))  # across dx
-    return u.reshape(16, *k.shape[2:])
+def _tap_sums(weight, combinations):
+    """(n, C, O) kernels, each a linear combination (a row of `combinations`, (n, 9)) of the nine taps of an OHWI
+    weight: one batched product, (O, n, C), viewed as (n, C, O) (512 x 512 channels: 6 ms, 36 ms as sums of
+    strided taps; products with the views ran as fast as with contiguous copies)."""
+    taps = weight.reshape(weight.shape[0], 9, weight.shape[-1])  # (O, [dy, dx], C)
+    return np.matmul(np.asarray(combinations, np.float32), taps).transpose(1, 2, 0)
 
 
-def _tap_kernels(k):
-    """For _shifted_sums: the nine taps' (C, O) kernels of k (dy, dx, C, O) side by side, (C, [dy, dx, O])."""
-    return np.ascontiguousarray(k.transpose(2, 0, 1, 3)).reshape(k.shape[2], -1)
+def _winograd_kernels(weight):
+    """The 16 transformed (C, O) kernels G k G^T, (16, C, O)."""
+    g = np.array(WINOGRAD_G, np.float32)
+    return _tap_sums(weight, np.einsum("ai,bj->abij", g, g).reshape(16, 9))
 
 
-def _phase_kernels(k):
+def _tap_kernels(weight):
+    """For _shifted_sums: the nine taps' (C, O) kernels side by side, (C, [dy, dx, O])."""
+    return np.ascontiguousarray(weight.transpose(3, 1, 2, 0)).reshape(weight.shape[-1], -1)
+
+
+def _phase_kernels(weight):
     """For _upsampled, per output row and column phase (pr, pc) and input row offset a: the (2 C, O) kernel of
-    input column offsets 0 and 1, each the sum of the 3x3 taps of k (dy, dx, C, O) that fall on that input pixel."""
-    C = k.shape[2]
-    phases = np.empty((2, 2, 2, 2 * C, k.shape[3]), np.float32)
+    input column offsets b = 0 and 1, each the sum of the 3x3 taps that fall on that input pixel."""
+    combinations = np.zeros((2, 2, 2, 2, 3, 3), np.float32)
     for pr, pc, a, b in np.ndindex(2, 2, 2, 2):
-        taps = [k[dy, dx] for dy in PHASES[pr][a] for dx in PHASES[pc][b]]
-        phases[pr, pc, a, b * C : (b + 1) * C] = sum(taps[1:], taps[0])
-    return phases
-
-
-def _kernel_rows(parts, out):
-    """out[0..3] = G (parts[0..2]): p0, (p0 + p1 + p2) / 2, (p0 - p1 + p2) / 2 and p2."""
-    np.copyto(out[0], parts[0])
-    np.copyto(out[3], parts[2])
-    np.add(parts[0], parts[2], out=out[1])
-    np.copyto(out[2], out[1])
-    out[1] += parts[1]
-    out[2] -= parts[1]
-    out[1:3] *= 0.5
+        for dy in PHASES[pr][a]:
+            combinations[pr, pc, a, b, dy, PHASES[pc][b]] = 1
+    return _tap_sums(weight, combinations.reshape(16, 9)).reshape(2, 2, 2, 2 * weight.shape[-1], -1)
 
 
 def _numpy_block(image, start, stop, scale, halves, kernels, buffers):

@@ -246,9 +246,9 @@ def test_group_norm_matches_torch_in_less_memory(shape, groups):
 
 def test_decoder_peak_memory(monkeypatch):
     """On the CPU the decoder's peak above its weights and latents stays under 1.5x its largest activation
-    (a 128-channel upsampler output at 256 x 256 here) and 16 MiB of blocks: the last block's 128 -> 64 resnet
-    holds its input and its 64-channel first convolution, whose buffer the second writes over, and nothing
-    more. (A loop over the blocks kept each block's input alive through its later resnets, and the GroupNorm's
+    (a 128-channel upsampler output at 256 x 256 here) and 24 MiB of blocks (two workers' residual rows, 8 MiB
+    at most here): the last block's 128 -> 64 resnet holds its input and its 64-channel first convolution, whose
+    buffer the second writes over, and nothing more. (A loop over the blocks kept each block's input alive through its later resnets, and the GroupNorm's
     squared deviations and a second output took their full sizes: the SD VAE at 512 x 512, 646 -> 395 MiB.)"""
     if mx.default_device() != mx.cpu:
         pytest.skip("the blocked paths are CPU paths")
@@ -261,6 +261,7 @@ def test_decoder_peak_memory(monkeypatch):
     # smaller blocks for MLX's own (unfolding) convolutions at 32 x 32 and 64 x 64, so that the peak is the
     # numpy path's at 256 x 256, as at full size
     monkeypatch.setattr("mlx_sd.convolution.CONV_BLOCK", 2**20)
+    monkeypatch.setattr("mlx_sd.convolution.width", lambda: 2)  # the numpy path's row blocks two at a time
     vae = AutoencoderKL(config)
     z = mx.random.normal((1, 32, 32, 4), key=mx.random.key(0))
     mx.eval(vae.parameters(), z)
@@ -271,4 +272,4 @@ def test_decoder_peak_memory(monkeypatch):
     mx.eval(image)
     largest = 256 * 256 * 128 * 4
     assert image.shape == (1, 256, 256, 3)
-    assert mx.get_peak_memory() - base < 1.5 * largest + 16 * 2**20
+    assert mx.get_peak_memory() - base < 1.5 * largest + 24 * 2**20

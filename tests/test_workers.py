@@ -98,7 +98,7 @@ def test_kernel_layouts_are_made_once_for_concurrent_blocks(layout, monkeypatch)
     assert len(made) == 1
     for array in got[1:]:
         np.testing.assert_array_equal(array, got[0])
-    np.testing.assert_array_equal(got[0], real(kernels.per_dy.reshape(3, 3, 16, 24)))
+    np.testing.assert_array_equal(got[0], real(kernels.weight))
 
 
 def test_scratch_reuses_each_threads_memory_per_slot():
