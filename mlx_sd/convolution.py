@@ -148,12 +148,11 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     def piece(item):  # on a worker thread: numpy only
         start, b, extra = item
         stop = min(start + rows, scale * H)
-        block = _numpy_block(images[b], start, stop, scale, [a[b] for a in halves], kernels, buffers)
-        if bias is not None:
-            block += bias
+        rows_out = None if in_place else target[b, start:stop]  # written there, or by _write below
+        block = _numpy_block(images[b], start, stop, scale, [a[b] for a in halves], kernels, buffers, bias, rows_out)
         if extra is not None:
             block += extra.reshape(block.shape)
-        return _write(target[b, start:stop], block, keep_edges=in_place)
+        return _write(target[b, start:stop], block, keep_edges=True) if in_place else None
 
     edges = []
     for group in _groups(range(0, scale * H, rows), B):
@@ -192,8 +191,7 @@ def _groups(starts, images):
 def _write(rows, block, keep_edges=False):
     """Writes a block (n, width, O), or its (n / 2, 2, width / 2, 2, O) tiles, into contiguous `rows`; with
     keep_edges all but its first and last rows, which it returns (copies, (width, O)) to be written later."""
-    view = rows.view()
-    view.shape = block.shape  # raises rather than copies
+    view = _into(rows, block.shape)
     if not keep_edges:
         view[...] = block
         return None
@@ -205,6 +203,15 @@ def _write(rows, block, keep_edges=False):
             view[0, 1], view[1:-1], view[-1, 0] = block[0, 1], block[1:-1], block[-1, 0]
         edges = block[0, 0], block[-1, 1]
     return [np.ascontiguousarray(edge).reshape(rows.shape[1:]) for edge in edges]
+
+
+def _into(rows, shape):
+    """Contiguous output `rows` viewed as `shape` (raises rather than copies), or a new array where rows is None."""
+    if rows is None:
+        return np.empty(shape, np.float32)
+    view = rows.view()
+    view.shape = shape
+    return view
 
 
 def _write_edges(target, edges, rows):
@@ -274,9 +281,10 @@ def _phase_kernels(weight):
     return _tap_sums(weight, combinations.reshape(16, 9)).reshape(2, 2, 2, 2 * weight.shape[-1], -1)
 
 
-def _numpy_block(image, start, stop, scale, halves, kernels, buffers):
-    """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), no bias: numpy (rows, scale * W, O), or
-    from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O). `halves`: the prologue's
+def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None, out=None):
+    """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), plus `bias` (O) where given: numpy (rows,
+    scale * W, O), or from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O); written
+    into `out` (contiguous (rows, scale * W, O)) where given, and then a view of it. `halves`: the prologue's
     halved (scale, shift), or none; `buffers`: the call's Scratch."""
     H, W, C = image.shape
     rows = stop - start
@@ -294,20 +302,28 @@ def _numpy_block(image, start, stop, scale, halves, kernels, buffers):
         top, bottom = max(start // 2 - 1, 0), min(stop // 2 + 1, H)
         first = top - (start // 2 - 1)  # the padded row of input row `top`
         prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])  # it commutes with 2x
-        return _upsampled(block, rows // 2, W, kernels.phases, buffers)
+        return _biased(_upsampled(block, rows // 2, W, kernels.phases, buffers, out), bias)
     top, bottom = max(start - 1, 0), min(stop + 1, H)  # input rows start - 1 .. stop, inside the image
     first = top - (start - 1)
     if rows % 2 or W % 2 or kernels.few_outputs:
         block = padded((rows + 3, W + 2, C))  # and one spare row
         prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])
-        if kernels.few_outputs:
-            return _shifted_sums(block, rows, W, kernels.taps)
-        return _products(block, rows, W, kernels.per_dy)
+        products = _shifted_sums(block, rows, W, kernels.taps) if kernels.few_outputs else None
+        products = _products(block, rows, W, kernels.per_dy) if products is None else products
+        result = _into(out, products.shape)
+        result[...] = products
+        return _biased(result, bias)
     # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
     block = padded((rows + 3, 2, W // 2 + 1, C))
     prologue(block[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2])
     prologue(block[first : first + bottom - top, 0, 1:], image[top:bottom, 1::2])
-    return _winograd(block, rows, kernels.winograd, buffers)
+    return _winograd(block, rows, kernels.winograd, buffers, bias, out)
+
+
+def _biased(block, bias):
+    if bias is not None:
+        block += bias
+    return block
 
 
 def _prologue(out, inputs, halves, scratch):
@@ -358,32 +374,35 @@ def _taps(padded, buffers=None):
     return np.concatenate([flat[0:n], flat[1 : n + 1], flat[2 : n + 2]], axis=1, out=out)  # dx = 0, 1, 2
 
 
-def _upsampled(padded, rows, width, kernels, buffers):
+def _upsampled(padded, rows, width, kernels, buffers, out=None):
     """The 3x3 convolution of the nearest 2x upsampling of a zero-padded block (rows + 3, width + 2, C), from the
     block itself: each of the four output phases (even or odd row and column) is a 2x2 convolution of the input
     with sums of the 3x3 taps (_Kernels.phases), two products with K = 2 C on the three dx taps side by side.
     16 C multiplications per 2 x 2 outputs and output channel, as Winograd's, with no transforms and a quarter
-    of the input. Returns the output tiles (rows, 2, 2 width, 2, O) as a view."""
+    of the input. Returns the output tiles (rows, 2, width, 2, O), in the output rows `out` where given."""
     Wp, C, taps = width + 2, padded.shape[-1], _taps(padded, buffers)
     m = rows * Wp
-    out = np.empty((rows, 2, 2, width, kernels.shape[-1]), np.float32)
+    tiles = _into(out, (rows, 2, width, 2, kernels.shape[-1]))
+    out = tiles.transpose(0, 1, 3, 2, 4)  # (rows, 2, 2, width, O)
     y, product = (buffers.get(slot, (m, kernels.shape[-1])) for slot in ("y", "product"))
     for pr, pc in np.ndindex(2, 2):
         columns = taps[:, pc * C : (pc + 2) * C]  # input columns j + pc - 1 and j + pc
         np.matmul(columns[pr * Wp : pr * Wp + m], kernels[pr, pc, 0], out=y)
         y += np.matmul(columns[(pr + 1) * Wp : (pr + 1) * Wp + m], kernels[pr, pc, 1], out=product)
         out[:, pr, pc] = y.reshape(rows, Wp, -1)[:, :width]
-    return out.transpose(0, 1, 3, 2, 4)
+    return tiles
 
 
-def _winograd(padded, rows, kernels, buffers):
+def _winograd(padded, rows, kernels, buffers, bias=None, out=None):
     """The 3x3 convolution of a zero-padded block, its columns even and odd apart ((rows + 3, 2, S + 1, C) for
     2 S output columns; rows even) by Winograd's F(2x2, 3x3): each 2 x 2 output tile from the 4 x 4 input
     tile around it, transformed (B^T d B: sums and differences of its rows, then of its columns), 16 products
     with the transformed kernels (G k G^T), and the output transform (A^T m A). 16 C multiplications per
     output tile and output channel in place of 36; the error against float64 is 1.6x the direct products'
     (4.3e-6 vs 2.7e-6 at outputs of 9.4). With the columns apart, every sum reads contiguous rows of S C values
-    (numpy's strided loops ran 2.3x slower). Returns the tiles (rows / 2, 2, 2 S / 2, 2, O) as a view."""
+    (numpy's strided loops ran 2.3x slower). Returns the tiles (rows / 2, 2, 2 S / 2, 2, O), in the output rows
+    `out` where given; a `bias` goes into the products m_11, whose coefficient is 1 in all four outputs of a
+    tile (a pass over a quarter of the outputs)."""
     T, S, C = rows // 2, padded.shape[2] - 1, padded.shape[-1]
     d = [padded[k : k + 2 * T : 2] for k in range(4)]  # row k of every tile
     v, u = buffers.get("v", (4, 4, T, S, C)), buffers.get("u", (T, 2, S + 1, C))
@@ -393,13 +412,15 @@ def _winograd(padded, rows, kernels, buffers):
         for b, pair in enumerate(WINOGRAD_B):
             _combine(columns, pair, out=v[a, b])
     m = np.matmul(v.reshape(16, T * S, C), kernels, out=buffers.get("m", (16, T * S, kernels.shape[-1])))
+    if bias is not None:
+        m[5] += bias
     m = m.reshape(4, 4, T, S, -1)
-    out, half = np.empty((T, 2, 2, S, m.shape[-1]), np.float32), buffers.get("half", (4, T, S, m.shape[-1]))
+    tiles, half = _into(out, (T, 2, S, 2, m.shape[-1])), buffers.get("half", (4, T, S, m.shape[-1]))
     for c, column in enumerate(WINOGRAD_A):
         _combine([m[:, k] for k in range(4)], column, out=half)  # (4, T, S, O): output column c of each row
         for r, row in enumerate(WINOGRAD_A):
-            _combine(half, row, out=out[:, r, c])
-    return out.transpose(0, 1, 3, 2, 4)
+            _combine(half, row, out=tiles[:, r, :, c])
+    return tiles
 
 
 def _combine(parts, terms, out=None):
