@@ -248,8 +248,9 @@ def test_decoder_peak_memory(monkeypatch):
     """On the CPU the decoder's peak above its weights and latents stays under 1.5x its largest activation
     (a 128-channel upsampler output at 256 x 256 here) and 24 MiB of blocks (two workers' residual rows, 8 MiB
     at most here): the last block's 128 -> 64 resnet holds its input and its 64-channel first convolution, whose
-    buffer the second writes over, and nothing more. (A loop over the blocks kept each block's input alive through its later resnets, and the GroupNorm's
-    squared deviations and a second output took their full sizes: the SD VAE at 512 x 512, 646 -> 395 MiB.)"""
+    buffer the second writes over, and nothing more. (A loop over the blocks kept each block's input alive
+    through its later resnets, and the GroupNorm's squared deviations and a second output took their full sizes:
+    the SD VAE at 512 x 512, 646 -> 395 MiB.)"""
     if mx.default_device() != mx.cpu:
         pytest.skip("the blocked paths are CPU paths")
     config = AutoencoderConfig(
