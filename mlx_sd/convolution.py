@@ -11,11 +11,10 @@ nine shifted matrix products instead (shifted_conv3x3: no unfolded input, 1.4-2.
 within float32 rounding of MLX's convolution), or with few output channels as one product whose outputs are
 shifted and summed (shifted_sums_conv3x3: 7x faster for the VAE's conv_out), chosen once per image; their
 blocks agree with one call within float32 rounding. Where those products would be used (the second form without
-upsampling) and the prologue is GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in numpy
-instead (_numpy_conv3x3:
-vectorized elementwise work, and Winograd's F(2x2, 3x3), 16 multiplications per 2 x 2 outputs and channel in
-place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's decode at 512 x 512 0.76x;
-the error against float64 is 1.6x that of the direct products). Elsewhere (Metal, CUDA:
+upsampling) and the prologue is GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in
+numpy instead (_numpy_conv3x3: vectorized elementwise work, and Winograd's F(2x2, 3x3), 16 multiplications per
+2 x 2 outputs and channel in place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's
+decode at 512 x 512 0.76x; the error against float64 is 1.6x that of the direct products). Elsewhere (Metal, CUDA:
 implicit-GEMM convolutions), when one block covers the image, and inside `whole_images()` (what mx.compile
 traces: the blocks are evaluated as they go), it is one call.
 """
