@@ -307,11 +307,14 @@ def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None,
     if rows % 2 or W % 2 or kernels.few_outputs:
         block = padded((rows + 3, W + 2, C))  # and one spare row
         prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])
-        products = _shifted_sums(block, rows, W, kernels.taps) if kernels.few_outputs else None
-        products = _products(block, rows, W, kernels.per_dy) if products is None else products
-        result = _into(out, products.shape)
-        result[...] = products
-        return _biased(result, bias)
+        if kernels.few_outputs:
+            products = _shifted_sums(block, rows, W, kernels.taps)
+        else:
+            products = _products(block, rows, W, kernels.per_dy)
+        if out is None:
+            return _biased(products, bias)
+        _write(out, products)
+        return _biased(_into(out, products.shape), bias)
     # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
     block = padded((rows + 3, 2, W // 2 + 1, C))
     prologue(block[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2])
