@@ -12,8 +12,9 @@ array with two consumers in different outputs, and at a `view`: every compiled f
 levels, and `_barrier` (a no-copy view) separates them, so that an enclosing mx.compile does not merge them
 into kernels that take strided inputs, which are not vectorized.
 
-`silu`, `gelu` and `exp_nonpositive` take these paths for float32 on the CPU and are MLX's own functions
-elsewhere (Metal's and CUDA's exp are fast): call them instead of nn.silu / nn.gelu.
+`silu`, `gelu`, `quick_gelu` and `exp_nonpositive` take these paths for float32 on the CPU and are MLX's own
+functions elsewhere (Metal's and CUDA's exp are fast): call them instead of nn.silu / nn.gelu /
+nn.gelu_fast_approx.
 """
 
 import math
@@ -86,6 +87,9 @@ _exp = _exp_kernels(lambda x: x)
 _exp_shifted = _exp_kernels(lambda x, shift: x - shift)  # the subtraction inside both kernels: one pass less
 _exp_minus_abs = _exp_kernels(lambda x: -mx.abs(x))
 _exp_minus_half_square = _exp_kernels(lambda x: -0.5 * x * x)
+# quick_gelu's e**(-1.702 |x|), the scaled argument as transformers' quick_gelu rounds it (1.702 * x in float32)
+QUICK_GELU_SCALE = 1.702
+_exp_minus_scaled_abs = _exp_kernels(lambda x: -mx.abs(x * QUICK_GELU_SCALE))
 
 
 def exp_nonpositive(x, shift=None):
@@ -98,7 +102,7 @@ def exp_nonpositive(x, shift=None):
 
 @mx.compile
 def _silu(x, e):
-    # x * sigmoid(x) = max(x, 0) - |x| e / (1 + e) with e = e**-|x|: no branch, no overflow
+    # x * sigmoid(k x) = max(x, 0) - |x| e / (1 + e) with e = e**-|k x| (k > 0): no branch, no overflow
     a = mx.abs(x)
     return (x + a) * 0.5 - a * e / (1.0 + e)
 
@@ -109,6 +113,15 @@ def silu(x):
         return nn.silu(x)
     x = mx.contiguous(x)
     return _barrier(_silu(x, _barrier(_exp_minus_abs(x))))
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x), as nn.gelu_fast_approx and transformers' quick_gelu (CLIP ViT-L's activation): on
+    the CPU its text encoder took 0.47 s for 2 x 77 tokens with MLX's, 0.30 s so (x86 AVX-512, 2 cores)."""
+    if not fast_path(x):
+        return nn.gelu_fast_approx(x)
+    x = mx.contiguous(x)
+    return _barrier(_silu(x, _barrier(_exp_minus_scaled_abs(x))))
 
 
 @mx.compile

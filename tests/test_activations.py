@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd.activations import exp_nonpositive, fast_path, gelu, silu
+from mlx_sd.activations import exp_nonpositive, fast_path, gelu, quick_gelu, silu
 from mlx_sd.attention import attention, row_max
 from mlx_sd.convolution import whole_images
 
@@ -51,8 +51,9 @@ def test_exp_nonpositive_with_a_shift_is_exp_of_the_difference():
     [
         (silu, lambda x: x / (1 + np.exp(-x))),
         (gelu, lambda x: x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))) / 2),
+        (quick_gelu, lambda x: x * (1 + np.tanh(0.851 * x)) / 2),  # x sigmoid(1.702 x), no overflow
     ],
-    ids=["silu", "gelu"],
+    ids=["silu", "gelu", "quick_gelu"],
 )
 def test_activations_match_float64(ours, reference):
     """Max abs error <= 1e-6 + 2e-7 |f(x)| (erf's approximation error is 1.5e-7, as MLX's and torch's)."""
@@ -62,7 +63,11 @@ def test_activations_match_float64(ours, reference):
     np.testing.assert_allclose(got, expected, rtol=2e-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("ours, theirs", [(silu, nn.silu), (gelu, nn.gelu)], ids=["silu", "gelu"])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(silu, nn.silu), (gelu, nn.gelu), (quick_gelu, nn.gelu_fast_approx)],
+    ids=["silu", "gelu", "quick_gelu"],
+)
 def test_activations_under_compile_strided_and_float16(ours, theirs):
     """The same values inside mx.compile, on a strided view, and (MLX's own path) in float16."""
     x = mx.array(inputs((4, 64, 96)))
