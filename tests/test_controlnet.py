@@ -496,6 +496,18 @@ def test_low_memory_gives_the_same_image(models):
     assert np.abs(np.asarray(a[0], np.float64) - np.asarray(b[0], np.float64)).max() <= 1
 
 
+def test_the_control_image_is_embedded_once_per_generation(models, monkeypatch):
+    """The conditioning embedding depends on the control image only: made once per ControlNet and generation
+    (at batch 1, then repeated), not at every step for every image. Two ControlNets, 3 steps, 2 images, guided."""
+    _, ours, nets, _ = models("sd1")
+    batches, embedding = [], type(nets[0][1].controlnet_cond_embedding)
+    call = embedding.__call__
+    monkeypatch.setattr(embedding, "__call__", lambda self, x: batches.append(len(x)) or call(self, x))
+    specs = [ControlSpec(net, control_image(), 0.8) for _, net in nets]
+    ours.generate(PROMPT, width=64, height=48, steps=3, seed=2, num_images=2, controlnet=specs)
+    assert batches == [1, 1]
+
+
 def test_a1111_units_read_like_the_extension_writes_them(models, monkeypatch):
     """The ControlNet settings of a generation as A1111's ControlNet extension writes them (its infotext), and
     through mlx_sd's A1111 infotext parser."""
