@@ -14,7 +14,9 @@ blocks agree with one call within float32 rounding. Where those products would b
 upsampling) and the prologue is GroupNorm + SiLU (norms.NormAct) or none, the blocks are computed eagerly in
 numpy instead (_numpy_conv3x3: vectorized elementwise work, and Winograd's F(2x2, 3x3), 16 multiplications per
 2 x 2 outputs and channel in place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's
-decode at 512 x 512 0.76x; the error against float64 is 1.6x that of the direct products). Elsewhere (Metal, CUDA:
+decode at 512 x 512 0.76x; the error against float64 is 1.6x that of the direct products; upsampling ones by
+Winograd's F(2x2, 2x2) on the four 2x2 convolutions that nearest 2x upsampling makes of a 3x3 one, 9 in place of
+16). Elsewhere (Metal, CUDA:
 implicit-GEMM convolutions), when one block covers the image, and inside `whole_images()` (what mx.compile
 traces: the blocks are evaluated as they go), it is one call.
 """
@@ -41,11 +43,15 @@ SHIFTED_MIN_PIXELS = 8192
 # 1 x 64 x 64 x 512, 0.7x for 2 x 32 x 32 x 640, even at 1 x 32 x 32 x 512, 2x at 2 x 16 x 16 x 1280 (where
 # transforming the kernel costs more than it saves)
 NUMPY_MIN_PIXELS = 2048
-# transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (4M: 16 MiB),
-# twice that for upsampling convolutions (whose products have M = half the block's rows times the width): large
-# enough for products with M >= ~400 at 128 x 128 x 512, small enough to stay in the caches at 512 x 512 x 128
-# (x86 AVX-512, 2 workers: the SD VAE's layers 0.75-1.0x their time with 2M, upsampling ones 0.7-0.8x with 8M)
+# transformed input elements (16 per 2 x 2 output pixels and channel) per block of the numpy path (4M: 16 MiB):
+# large enough for products with M >= ~400 at 128 x 128 x 512, small enough to stay in the caches at 512 x 512 x 128
+# (x86 AVX-512, 2 workers: the SD VAE's layers 0.75-1.0x their time with 2M; 8M and 16M the same time, except in
+# this VM's slow periods, 0.7-0.9x then, for 4x the scratch memory)
 NUMPY_CONV_BLOCK = 2**22
+# upsampling convolutions take blocks of UPSAMPLED_BLOCKS times as many output rows (with F(2x2, 2x2)'s small
+# transformed input, _upsampled_winograd): the SD VAE's 256 -> 512 x 256 channels in blocks of 60 rows, ~45 MiB of
+# scratch per worker, 0.85x the time in blocks of 12 (2x, as before); 128 -> 256 x 512 0.78x (x86 AVX-512, 2 workers)
+UPSAMPLED_BLOCKS = 8
 # Winograd F(2x2, 3x3): the input transform B^T d B of a 4 x 4 tile and the output transform A^T m A of its 4 x 4
 # products, as (index, sign) terms over a tile's rows or columns 0-3
 WINOGRAD_B = (((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1)))
@@ -55,6 +61,11 @@ WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 # nearest 2x upsampling then a 3x3 convolution: the output rows (columns) 2 i + p take the taps PHASES[p][0] from
 # input row (column) i + p - 1 and PHASES[p][1] from row i + p
 PHASES = (((0,), (1, 2)), ((0, 1), (2,)))
+# Winograd F(2x2, 2x2) for the four 2x2 convolutions of an upsampling one: the rows (columns) d0, d1, d2 of a 3 x 3
+# input tile become d0 - d1, d1 and d2 - d1 (B^T), a 2x2 kernel's k0, k1 become k0, k0 + k1 and k1 (G), and the
+# 3 x 3 products m0, m1, m2 the outputs m0 + m1 and m1 + m2 (A^T): exact sums of the products k0 d0 + k1 d1 and
+# k0 d1 + k1 d2
+WINOGRAD_2X2_G = ((1, 0), (1, 1), (0, 1))
 # output channels up to which the shifted form sums shifted outputs of one product (see shifted_sums_conv3x3)
 SHIFTED_SUMS_MAX = 16
 
@@ -119,10 +130,11 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     """conv3x3 on the CPU backend, evaluated now, with numpy on views of MLX's evaluated arrays: per block of
     output rows and image, the prologue (GroupNorm's per-channel `affine` (scale, shift) and SiLU, if given)
     is written into a zero-padded block (numpy's elementwise work is vectorized; MLX's CPU kernels are not
-    here), then convolved by Winograd's F(2x2, 3x3) (_winograd: 16 products with K = C in place of 36 per
-    2 x 2 outputs), when upsampling as four 2x2 convolutions of the input (_upsampled), for an odd number of
-    rows or columns by three products with K = 3 C (_products), and to SHIFTED_SUMS_MAX outputs or fewer by one
-    product and shifted sums (_shifted_sums: the SD VAE's conv_out at 512 x 512 0.21 s, 0.64 s in MLX).
+    here), then convolved by Winograd's F(2x2, 3x3) (_winograd: 16 products with K = C in place of 36 per 2 x 2
+    outputs), when upsampling as four 2x2 convolutions of the input, by Winograd's F(2x2, 2x2) (_upsampled_winograd: 9
+    products with K = C in place of 16) or for an odd number of input rows or columns directly (_upsampled), otherwise
+    for an odd number of rows or columns by three products with K = 3 C (_products), and to SHIFTED_SUMS_MAX outputs or
+    fewer by one product and shifted sums (_shifted_sums: the SD VAE's conv_out at 512 x 512 0.21 s, 0.64 s in MLX).
     The workers also add the bias and the residual (its rows for a group of blocks evaluated before them) and
     write the output (SD VAE 512 x 512 x 128: the 0.3 s of 1.05 s that the calling thread spent so before,
     both cores idle but one). With `overwrite` (and no upsampling, as many outputs as inputs) the output's
@@ -142,7 +154,9 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     in_place = overwrite and scale == 1 and weight.shape[0] == C
     out = arrays[0] if in_place else _evaluated(mx.zeros((B, scale * H, scale * W, weight.shape[0]), mx.float32))
     target = np.asarray(out)  # a view: writing it writes `out`
-    rows = _balanced_rows(scale * H, max(2, scale * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C) // 2 * 2), B)
+    step = 2 * scale  # even rows; upsampling, even input rows (_upsampled_winograd)
+    rows = (UPSAMPLED_BLOCKS if upsample else 1) * NUMPY_CONV_BLOCK // (4 * (scale * W + 2) * C)
+    rows = _balanced_rows(scale * H, max(step, rows // step * step), B, step)
 
     def piece(item):  # on a worker thread: numpy only
         start, b, extra = item
@@ -167,16 +181,16 @@ def _numpy_conv3x3(conv, x, affine, upsample, residual, overwrite=False):
     return out
 
 
-def _balanced_rows(height, rows, images):
-    """The even block height from 2 to 5/4 of `rows` whose groups of blocks (_groups) take the fewest rows one
-    after the other, `rows` itself unless that is 2% fewer: for one image on two workers, 64 rows in blocks of 30
-    ran as 30 rows and then 4 on one worker (now 2 x 32 at once), 512 rows in blocks of 14 as 19 groups (16: 16),
-    32 rows in one block of 62 on one worker (2 x 16)."""
+def _balanced_rows(height, rows, images, step=2):
+    """The block height, a multiple of `step` from `step` to 5/4 of `rows`, whose groups of blocks (_groups) take
+    the fewest rows one after the other, `rows` itself unless that is 2% fewer: for one image on two workers, 64
+    rows in blocks of 30 ran as 30 rows and then 4 on one worker (now 2 x 32 at once), 512 rows in blocks of 14 as
+    19 groups (16: 16), 32 rows in one block of 62 on one worker (2 x 16)."""
 
     def cost(r):  # a group takes as long as its first block, the only one that can be longer than the last
         return sum(min(r, height - group[0]) for group in _groups(range(0, height, r), images))
 
-    best = min(range(2, max(2, rows * 5 // 4) + 1, 2), key=lambda r: (cost(r), -r))
+    best = min(range(step, max(step, rows * 5 // 4) + 1, step), key=lambda r: (cost(r), -r))
     return best if cost(best) < 0.98 * cost(rows) else rows
 
 
@@ -247,6 +261,10 @@ class _Kernels:
         return self._layout(_phase_kernels)
 
     @property
+    def phases_winograd(self):
+        return self._layout(_phase_winograd_kernels)
+
+    @property
     def taps(self):
         return self._layout(_tap_kernels)
 
@@ -280,6 +298,18 @@ def _phase_kernels(weight):
     return _tap_sums(weight, combinations.reshape(16, 9)).reshape(2, 2, 2, 2 * weight.shape[-1], -1)
 
 
+def _phase_winograd_kernels(weight):
+    """For _upsampled_winograd, per output phase (pr, pc): the 9 transformed (C, O) kernels G k G^T of its 2x2
+    kernel k (each entry the sum of the 3x3 taps that fall on that input pixel, as _phase_kernels), (2, 2, 3, 3,
+    C, O)."""
+    combinations = np.zeros((2, 2, 3, 3, 3, 3), np.float32)
+    for pr, pc, a, b, i, j in np.ndindex(2, 2, 3, 3, 2, 2):
+        for dy in PHASES[pr][i]:
+            for dx in PHASES[pc][j]:
+                combinations[pr, pc, a, b, dy, dx] += WINOGRAD_2X2_G[a][i] * WINOGRAD_2X2_G[b][j]
+    return _tap_sums(weight, combinations.reshape(36, 9)).reshape(2, 2, 3, 3, weight.shape[-1], -1)
+
+
 def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None, out=None):
     """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), plus `bias` (O) where given: numpy (rows,
     scale * W, O), or from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O); written
@@ -297,11 +327,14 @@ def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None,
         _prologue(out, inputs, halves, buffers.get("prologue", out.shape))
 
     if scale == 2:  # start and stop are even (blocks of even rows): input rows start / 2 - 1 .. stop / 2
-        block = padded((rows // 2 + 3, W + 2, C))
         top, bottom = max(start // 2 - 1, 0), min(stop // 2 + 1, H)
-        first = top - (start // 2 - 1)  # the padded row of input row `top`
-        prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])  # it commutes with 2x
-        return _biased(_upsampled(block, rows // 2, W, kernels.phases, buffers, out), bias)
+        first = top - (start // 2 - 1)  # the padded row of input row `top`; the prologue commutes with 2x
+        if rows % 4 or W % 2:
+            block = padded((rows // 2 + 3, W + 2, C))
+            prologue(block[first : first + bottom - top, 1:-1], image[top:bottom])
+            return _biased(_upsampled(block, rows // 2, W, kernels.phases, buffers, out), bias)
+        block = _split_columns(padded((rows // 2 + 3, 2, W // 2 + 1, C)), first, image[top:bottom], prologue)
+        return _upsampled_winograd(block, rows // 2, kernels.phases_winograd, buffers, bias, out)
     top, bottom = max(start - 1, 0), min(stop + 1, H)  # input rows start - 1 .. stop, inside the image
     first = top - (start - 1)
     if rows % 2 or W % 2 or kernels.few_outputs:
@@ -315,11 +348,16 @@ def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None,
             return _biased(products, bias)
         _write(out, products)
         return _biased(_into(out, products.shape), bias)
-    # padded column 2 j + p at [:, p, j]: odd columns (the image's even ones), then even ones
-    block = padded((rows + 3, 2, W // 2 + 1, C))
-    prologue(block[first : first + bottom - top, 1, :-1], image[top:bottom, 0::2])
-    prologue(block[first : first + bottom - top, 0, 1:], image[top:bottom, 1::2])
+    block = _split_columns(padded((rows + 3, 2, W // 2 + 1, C)), first, image[top:bottom], prologue)
     return _winograd(block, rows, kernels.winograd, buffers, bias, out)
+
+
+def _split_columns(block, first, rows, prologue):
+    """Writes prologue(rows) into a zeroed (n, 2, W / 2 + 1, C) block from its row `first`, the padded column
+    2 j + p at [:, p, j]: odd padded columns (the image's even ones), then even ones. Returns the block."""
+    prologue(block[first : first + len(rows), 1, :-1], rows[:, 0::2])
+    prologue(block[first : first + len(rows), 0, 1:], rows[:, 1::2])
+    return block
 
 
 def _biased(block, bias):
@@ -392,6 +430,43 @@ def _upsampled(padded, rows, width, kernels, buffers, out=None):
         np.matmul(columns[pr * Wp : pr * Wp + m], kernels[pr, pc, 0], out=y)
         y += np.matmul(columns[(pr + 1) * Wp : (pr + 1) * Wp + m], kernels[pr, pc, 1], out=product)
         out[:, pr, pc] = y.reshape(rows, Wp, -1)[:, :width]
+    return tiles
+
+
+def _upsampled_winograd(padded, rows, kernels, buffers, bias=None, out=None):
+    """_upsampled by Winograd's F(2x2, 2x2), for an even number of input rows, the padded block's columns even
+    and odd apart ((rows + 3, 2, S + 1, C) for 2 S input columns): each output phase's 2 x 2 outputs (input rows
+    2 t, 2 t + 1, columns 2 s, 2 s + 1) from the 3 x 3 input pixels around them, transformed (B^T d B: the
+    differences of their outer rows, then columns, with the middle one), 9 products with the transformed kernels
+    (G k G^T) and the output transform (A^T m A: sums). 9 C multiplications per 2 x 2 outputs and output channel in
+    place of 16: the SD VAE's 256 -> 512 x 256 channels 0.88x _upsampled's time, 128 -> 256 x 512 0.86x (same blocks, 2
+    workers); the error against float64 0.9-2.4x that of MLX's convolution (64-256 channels). Returns the output tiles
+    (rows, 2, 2 S, 2, O), in the output rows `out` where given; a `bias` goes into the products m_11, which all four
+    outputs of a tile sum."""
+    T, S, C, outputs = rows // 2, padded.shape[2] - 1, padded.shape[-1], kernels.shape[-1]
+    tiles = _into(out, (rows, 2, 2 * S, 2, outputs))
+    phases = tiles.reshape(T, 2, 2, S, 2, 2, outputs)  # [t, r, pr, s, c, pc]: output row 4 t + 2 r + pr, ...
+    outer = [buffers.get(slot, (T, 2, S + 1, C)) for slot in ("u", "u2")]
+    v, m = buffers.get("v", (3, T, S, C)), buffers.get("m", (3, 3, T * S, outputs))
+    columns = buffers.get("half", (3, T, S, outputs))
+    for pr in range(2):
+        d = [padded[pr + a : pr + a + 2 * T : 2] for a in range(3)]  # row a of every tile: (T, 2, S + 1, C)
+        np.subtract(d[0], d[1], out=outer[0])
+        np.subtract(d[2], d[1], out=outer[1])
+        for pc in range(2):
+            for a, row in enumerate((outer[0], d[1], outer[1])):
+                e = [row[:, (pc + b) % 2, (pc + b) // 2 : (pc + b) // 2 + S] for b in range(3)]  # column b: (T, S, C)
+                np.subtract(e[0], e[1], out=v[0])
+                np.copyto(v[1], e[1])  # contiguous: one product
+                np.subtract(e[2], e[1], out=v[2])
+                for b in range(3):
+                    np.matmul(v[b].reshape(T * S, C), kernels[pr, pc, a, b], out=m[a, b])
+            if bias is not None:
+                m[1, 1] += bias
+            for c in range(2):
+                np.add(m[:, c], m[:, c + 1], out=columns.reshape(3, T * S, outputs))
+                for r in range(2):
+                    np.add(columns[r], columns[r + 1], out=phases[:, r, pr, :, c, pc])
     return tiles
 
 
