@@ -4,11 +4,12 @@
 
 Components (--component, repeatable): `unet` (one guided step: batch 2, 77-token context), `text` (the text
 encoder(s) on 2 x 77 tokens), `vae` (decode of one latent), `image` (a whole image: text encoding, --steps
-Euler steps, decode). Models: tests/configs' SD 1.5, SD 2.1-base, SD-Turbo, SDXL and SDXL-Turbo with random
-weights (torch's default initialization, seed 0), converted once for each implementation. --dtype
-float32/float16/bfloat16; --quantize 4/8 quantizes the MLX implementations' UNet and text-encoder Linear
-layers (group 64; diffusers stays float). Implementations (--impl): diffusers, mlx_sd, mlx_sd_compiled (the
-UNet through unet.compile_unet; unet component only), mlx_examples (with --mx).
+Euler steps, decode; also the median seconds per phase: mlx_sd's own timings, diffusers' text encoder(s),
+UNet calls and VAE decode timed around the modules). Models: tests/configs' SD 1.5, SD 2.1-base, SD-Turbo,
+SDXL and SDXL-Turbo with random weights (torch's default initialization, seed 0), converted once for each
+implementation. --dtype float32/float16/bfloat16; --quantize 4/8 quantizes the MLX implementations' UNet and
+text-encoder Linear layers (group 64; diffusers stays float). Implementations (--impl): diffusers, mlx_sd,
+mlx_sd_compiled (the UNet through unet.compile_unet; unet component only), mlx_examples (with --mx).
 
 All implementations run in this process; each round runs each once, in a rotating order, after one warm-up
 call each. Printed per implementation: the median seconds, the median of the per-round ratios to mlx_sd, and
@@ -207,10 +208,12 @@ def mlx_sd_image_runner(ref, args):
     size = args.size
 
     def run():
-        image = pipe.generate(
+        images = pipe.generate(
             PROMPT, width=size, height=size, steps=args.steps, guidance_scale=args.guidance, sampler="euler", seed=0
-        )[0]
-        return mx.array(np.asarray(image, np.float32))
+        )
+        t = images.timings
+        run.phases = {"text": t["text_encoder"], "denoise": t["denoise"], "decode": t["vae"]}
+        return mx.array(np.asarray(images[0], np.float32))
 
     return run
 
@@ -294,10 +297,19 @@ def diffusers_image_runner(ref, args, device, dtype):
     pipe.set_progress_bar_config(disable=True)
     if dtype.is_floating_point and dtype != vae.dtype:
         pipe.vae.to(vae.dtype)
+    phases = {}
+    for phase, owner, method in [
+        *(("text", m, "forward") for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None),
+        ("denoise", pipe.unet, "forward"),
+        ("decode", pipe.vae, "decode"),
+    ]:
+        setattr(owner, method, _phase_timer(getattr(owner, method), phase, phases, device))
 
     def run():
         import torch
 
+        phases.clear()
+        run.phases = phases
         image = pipe(
             PROMPT,
             width=args.size,
@@ -309,6 +321,23 @@ def diffusers_image_runner(ref, args, device, dtype):
         return np.asarray(image, np.float32)
 
     return run
+
+
+def _phase_timer(fn, phase, phases, device):
+    """fn, adding its wall seconds (device work included) to phases[phase]."""
+    import torch
+
+    def timed_call(*a, **k):
+        tic = time.perf_counter()
+        out = fn(*a, **k)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
+        return out
+
+    return timed_call
 
 
 def _special_tokens(folder):
@@ -462,6 +491,11 @@ def timed(fn):
         return time.perf_counter() - tic, time.process_time() - cpu, out
 
 
+def _phase_medians(rounds):
+    """'text 0.71 s, denoise 8.40 s, decode 16.30 s': each phase's median over the rounds."""
+    return ", ".join(f"{phase} {np.median([r.get(phase, 0.0) for r in rounds]):.2f} s" for phase in rounds[0])
+
+
 def bench_component(ref, component, args):
     x = inputs(args)
     # mlx-examples first: it takes mlx_sd's float arrays before --quantize replaces them
@@ -473,12 +507,15 @@ def bench_component(ref, component, args):
     outputs = {name: to_numpy(timed(fn)[2]) for name, fn in runners.items()}  # warm-up
     times = {name: [] for name in runners}
     cpu = {name: [] for name in runners}
+    phases = {name: [] for name in runners}
     names = list(runners)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             wall, cpu_seconds, _ = timed(runners[name])
             times[name].append(wall)
             cpu[name].append(cpu_seconds)
+            if hasattr(runners[name], "phases"):
+                phases[name].append(dict(runners[name].phases))
             mx.clear_cache()
         print(f"  round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
     first = names[0]
@@ -493,6 +530,8 @@ def bench_component(ref, component, args):
             f"  {name:<15} {np.median(times[name]):8.2f} s  {ratio:5.2f}x mlx_sd"
             f"  (CPU time {np.median(cpu[name]):7.2f} s){diff}"
         )
+        if phases[name]:
+            print(" " * 19 + _phase_medians(phases[name]))
     del runners
     gc.collect()
 
