@@ -227,10 +227,7 @@ def diffusers_runner(ref, component, x, args):
     device, dtype = args.torch_device, getattr(torch, args.dtype)
 
     def sync(t):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elif device == "mps":
-            torch.mps.synchronize()
+        _synchronize(device)
         return t
 
     def nchw(a):
@@ -309,7 +306,6 @@ def diffusers_image_runner(ref, args, device, dtype):
         import torch
 
         phases.clear()
-        run.phases = phases
         image = pipe(
             PROMPT,
             width=args.size,
@@ -320,20 +316,27 @@ def diffusers_image_runner(ref, args, device, dtype):
         ).images[0]
         return np.asarray(image, np.float32)
 
+    run.phases = phases
     return run
+
+
+def _synchronize(device):
+    """Waits for torch's queued work on a GPU device (nothing on the CPU)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 def _phase_timer(fn, phase, phases, device):
     """fn, adding its wall seconds (device work included) to phases[phase]."""
-    import torch
 
     def timed_call(*a, **k):
         tic = time.perf_counter()
         out = fn(*a, **k)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elif device == "mps":
-            torch.mps.synchronize()
+        _synchronize(device)
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - tic
         return out
 

@@ -16,9 +16,8 @@ numpy instead (_numpy_conv3x3: vectorized elementwise work, and Winograd's F(2x2
 2 x 2 outputs and channel in place of 36: 0.70-0.76x the time of three products with K = 3 C, and the SD VAE's
 decode at 512 x 512 0.76x; the error against float64 is 1.6x that of the direct products; upsampling ones by
 Winograd's F(2x2, 2x2) on the four 2x2 convolutions that nearest 2x upsampling makes of a 3x3 one, 9 in place of
-16). Elsewhere (Metal, CUDA:
-implicit-GEMM convolutions), when one block covers the image, and inside `whole_images()` (what mx.compile
-traces: the blocks are evaluated as they go), it is one call.
+16). Elsewhere (Metal, CUDA: implicit-GEMM convolutions), when one block covers the image, and inside
+`whole_images()` (what mx.compile traces: the blocks are evaluated as they go), it is one call.
 """
 
 import threading
@@ -312,9 +311,9 @@ def _phase_winograd_kernels(weight):
 
 def _numpy_block(image, start, stop, scale, halves, kernels, buffers, bias=None, out=None):
     """Output rows start..stop of _numpy_conv3x3 for one image (H, W, C), plus `bias` (O) where given: numpy (rows,
-    scale * W, O), or from _winograd and _upsampled its 2 x 2 tiles (rows / 2, 2, scale * W / 2, 2, O); written
-    into `out` (contiguous (rows, scale * W, O)) where given, and then a view of it. `halves`: the prologue's
-    halved (scale, shift), or none; `buffers`: the call's Scratch."""
+    scale * W, O), or from _winograd, _upsampled and _upsampled_winograd its 2 x 2 tiles (rows / 2, 2, scale * W / 2,
+    2, O); written into `out` (contiguous (rows, scale * W, O)) where given, and then a view of it. `halves`: the
+    prologue's halved (scale, shift), or none; `buffers`: the call's Scratch."""
     H, W, C = image.shape
     rows = stop - start
 
